@@ -1,0 +1,319 @@
+"""FoR-Net: Learning to Focus on Hard Regions for Efficient Semantic Segmentation.
+
+A single-file reference implementation of arXiv:2605.02764 (Pan, Chan, Li, Shen, 2026),
+meant to be read next to the paper. Sections follow the paper's order:
+
+    1. Model      (Sec. 3.1-3.5, Eq. (1)-(8))
+    2. Objective  (Sec. 3.6, Eq. (9)-(10))
+
+Shape legend, used in every trailing shape comment:
+    B      batch size
+    C      channels (C = 256 for the feature map F, see FoRNet)
+    H, W   input image size
+    h, w   stride-8 feature grid, h = ceil(H/8), w = ceil(W/8)
+    H4, W4 stride-4 grid of the low-level features F_low
+    N      number of classes (19 on Cityscapes)
+    k      number of locations kept by Top-K in one image
+"""
+import math
+import re
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as TF  # `F` is the paper's feature map
+import torchvision
+
+IGNORE = 255  # Cityscapes convention: trainId 255 = ignore / void
+
+# ======================================================================================
+# 1. Model (Sec. 3.1-3.5)
+# ======================================================================================
+
+
+def norm_layer(C, kind="gn"):
+    """GroupNorm with 32 groups (Sec. 3.1), or BatchNorm for `norm="bn"`.
+
+    Paper is silent on channel counts that 32 does not divide (the decoder's 48-wide F_low
+    projection): we use gcd(32, C) groups, i.e. the largest power of two <= 32 dividing C.
+    """
+    if kind == "gn":
+        return nn.GroupNorm(math.gcd(32, C), C)
+    if kind == "bn":
+        return nn.BatchNorm2d(C)
+    raise ValueError(f"norm must be 'gn' or 'bn', got {kind!r}")
+
+
+def conv_norm_act(c_in, c_out, kernel, *, dilation=1, norm="gn"):
+    """Conv (same padding, no bias) -> Norm -> ReLU: the building block of every head layer."""
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, kernel, padding=dilation * (kernel // 2), dilation=dilation, bias=False),
+        norm_layer(c_out, norm),
+        nn.ReLU(inplace=True),
+    )
+
+
+def topk_mask(scores, ratio):
+    """M = TopK(S), Eq. (2): a {0,1} mask with the highest-scoring locations of each image set.
+
+    scores (B, 1, h, w) -> mask (B, 1, h, w), float32, exactly k = max(1, round(ratio·h·w)) ones
+    per image. Ranking is done in float32 with a stable sort, so ties (which half precision
+    creates) are broken by position, identically for every ratio: masks of the same scores
+    with growing ratios are nested (M_0.1 ⊂ M_0.2 ⊂ ...), as in the authors' code.
+    Not differentiable; FoRNet adds a straight-through gradient on top.
+    """
+    assert scores.dim() == 4 and scores.shape[1] == 1, f"scores must be (B, 1, h, w), got {tuple(scores.shape)}"
+    assert 0.0 < ratio <= 1.0, f"Top-K ratio must be in (0, 1], got {ratio}"
+    B, _, h, w = scores.shape
+    k = max(1, round(ratio * h * w))
+    order = torch.argsort(scores.detach().float().reshape(B, h * w), dim=1, descending=True, stable=True)  # (B, h*w)
+    M = torch.zeros(B, h * w, device=scores.device)  # (B, h*w)
+    M.scatter_(1, order[:, :k], 1.0)
+    return M.view(B, 1, h, w)  # (B, 1, h, w)
+
+
+class Selector(nn.Module):
+    """Importance map S = σ(φ(F)). Paper: Sec. 3.2, Eq. (1).
+
+    F (B, C, h, w) -> φ(F) (B, 1, h, w), the selector *logits*, always float32.
+    Paper is silent on the layout of φ ("a lightweight convolutional block followed by a 1×1
+    projection"): we use 3×3 conv C -> C/2 + norm + ReLU, then a 1×1 conv to one channel,
+    as the authors' code does. The 1×1 projection runs in float32 even under autocast, so
+    that Top-K does not rank half-precision values full of ties.
+    """
+
+    def __init__(self, C, *, norm="gn"):
+        super().__init__()
+        self.block = conv_norm_act(C, C // 2, 3, norm=norm)
+        self.proj = nn.Conv2d(C // 2, 1, 1)
+
+    def forward(self, F):
+        x = self.block(F)  # (B, C/2, h, w)
+        with torch.autocast(device_type="cuda" if F.is_cuda else "cpu", enabled=False):  # also meta tensors
+            return self.proj(x.float())  # (B, 1, h, w)   φ(F)
+
+
+class GlobalContext(nn.Module):
+    """F_ctx = F + ψ(GAP(F)). Paper: Sec. 3.3, Eq. (4)-(5).
+
+    F (B, C, h, w) -> F_ctx (B, C, h, w).
+    Paper is silent on ψ ("a projection layer"): a two-layer 1×1 bottleneck C -> C/4 -> C with
+    ReLU, as in the authors' code.
+    """
+
+    def __init__(self, C, *, reduction=4):
+        super().__init__()
+        self.psi = nn.Sequential(nn.Conv2d(C, C // reduction, 1), nn.ReLU(inplace=True), nn.Conv2d(C // reduction, C, 1))
+
+    def forward(self, F):
+        g = self.psi(TF.adaptive_avg_pool2d(F, 1))  # (B, C, 1, 1)   Eq. (4): g = ψ(GAP(F))
+        return F + g  # Eq. (5): F_ctx = F + g, g broadcast over h×w
+
+
+class Decoder(nn.Module):
+    """Y = D(F_agg, F_low). Paper: Sec. 3.5, Eq. (8).
+
+    F_agg (B, C, h, w), F_low (B, 256, H4, W4) -> logits (B, N, H4, W4).
+    Paper is silent on the layout ("a lightweight decoder consisting of convolutional layers"):
+    DeepLabV3+-style, as in the authors' code: F_low projected to 48 channels, concatenated with
+    F_agg upsampled to stride 4, two 3×3 conv blocks, a 1×1 classifier.
+    """
+
+    def __init__(self, C, low_channels, num_classes, *, low_proj=48, norm="gn"):
+        super().__init__()
+        self.low = conv_norm_act(low_channels, low_proj, 1, norm=norm)
+        self.fuse = nn.Sequential(conv_norm_act(C + low_proj, C, 3, norm=norm), conv_norm_act(C, C, 3, norm=norm))
+        self.classifier = nn.Conv2d(C, num_classes, 1)
+
+    def forward(self, F_agg, F_low):
+        F_low = self.low(F_low)  # (B, 48, H4, W4)
+        F_up = TF.interpolate(F_agg, size=F_low.shape[-2:], mode="bilinear", align_corners=False)  # (B, C, H4, W4)
+        x = self.fuse(torch.cat([F_up, F_low], dim=1))  # (B, C, H4, W4)
+        return self.classifier(x)  # (B, N, H4, W4)
+
+
+class FoRNet(nn.Module):
+    """FoR-Net: ResNet (output stride 8) + selector-driven Top-K multi-scale reasoning + decoder.
+
+    Paper: Sec. 3.1-3.5, Eq. (1)-(8), Fig. 1.
+    x (B, 3, H, W), ImageNet-normalised -> (logits (B, N, H, W), sel (B, 1, h, w)),
+    where sel = φ(F) are the selector logits and S = sel.sigmoid(). Any H, W work; h = ceil(H/8).
+
+    Arguments (keyword-only):
+      num_classes  N, 19 for Cityscapes.
+      backbone     "resnet101" (the paper) or "resnet50" (small/CPU runs).
+      norm         "gn" (the paper: every BatchNorm replaced by GroupNorm(32)) or "bn".
+                   Deviation (opt-in): "bn" keeps BatchNorm, for fine-tuning from BN weights.
+      pretrained   None (default; nothing is downloaded), "imagenet" (torchvision's weights
+                   API) or a local path to a .pth state dict. See `load_backbone`: BN-trained
+                   ImageNet weights transfer poorly into GroupNorm; to reproduce the paper,
+                   start from GN-pretrained weights (Detectron's R-101-GN, converted by
+                   OpenMMLab as `resnet101_gn`) given as a local path.
+      channels     C, width of F. Paper is silent; 256 as in the authors' code.
+      ratios       Top-K ratio of each branch, Eq. (6). Paper is silent; (0.1, 0.2, 0.3, 0.4)
+                   as in the authors' code (nested masks, see `topk_mask`).
+      dilation     dilation of the 7×7 branch; 16 is the paper's best (Sec. 4.5, Table 2:
+                   1 = "no dilation", 2, 4, 8, 16).
+      straight_through  Paper is silent on whether the segmentation loss reaches the selector
+                   through the hard mask. True (default, as the authors' code): the forward
+                   pass uses exactly M, the backward pass treats M as if it were S
+                   (M + S - sg(S)), so L_CE and L_Dice train φ together with L_sel.
+                   False: M is a constant and only L_sel trains φ.
+    """
+
+    def __init__(self, *, num_classes=19, backbone="resnet101", norm="gn", pretrained=None, channels=256,
+                 ratios=(0.10, 0.20, 0.30, 0.40), kernels=(1, 3, 5, 7), dilation=16, straight_through=True):
+        super().__init__()
+        assert backbone in ("resnet50", "resnet101"), f"backbone must be resnet50 or resnet101, got {backbone!r}"
+        assert len(ratios) == len(kernels), "one Top-K ratio per branch"
+        self.ratios, self.straight_through = tuple(ratios), straight_through
+        # Sec. 3.1: output stride 8 = layer3 and layer4 dilated instead of strided.
+        resnet = getattr(torchvision.models, backbone)(
+            weights=None, replace_stride_with_dilation=[False, True, True], norm_layer=lambda c: norm_layer(c, norm))
+        del resnet.avgpool, resnet.fc  # classification head unused
+        self.backbone = resnet
+        if pretrained is not None:
+            load_backbone(self.backbone, pretrained, backbone)
+
+        # Paper is silent on the width of F: a 1×1 conv reduces layer4's 2048 channels to C.
+        self.reduce = conv_norm_act(2048, channels, 1, norm=norm)
+        self.selector = Selector(channels, norm=norm)
+        self.context = GlobalContext(channels)
+        # C_i of Eq. (6): kernels 1, 3, 5, 7; only the 7×7 branch is dilated (Sec. 4.5).
+        self.branches = nn.ModuleList(
+            conv_norm_act(channels, channels, k, dilation=dilation if k == 7 else 1, norm=norm) for k in kernels)
+        self.decoder = Decoder(channels, 256, num_classes, norm=norm)
+
+    def forward(self, x):
+        assert x.dim() == 4 and x.shape[1] == 3, f"expected images (B, 3, H, W), got {tuple(x.shape)}"
+        r = self.backbone
+        x0 = r.maxpool(r.relu(r.bn1(r.conv1(x))))  # (B, 64, H4, W4)
+        F_low = r.layer1(x0)  # (B, 256, H4, W4)
+        F = self.reduce(r.layer4(r.layer3(r.layer2(F_low))))  # (B, C, h, w)
+
+        sel = self.selector(F)  # (B, 1, h, w)   φ(F), float32
+        S = sel.sigmoid()  # Eq. (1): S = σ(φ(F))
+        F_ctx = self.context(F)  # Eq. (4)-(5)
+        F_agg = F
+        for ratio, C_i in zip(self.ratios, self.branches):
+            M_i = topk_mask(S, ratio)  # Eq. (2): M_i = TopK(S)
+            if self.straight_through:
+                M_i = M_i + S - S.detach()  # value M_i, gradient as if M_i were S
+            F_i = C_i(F_ctx * M_i.to(F_ctx.dtype))  # Eq. (3), (6): F_i = C_i(F_ctx ⊙ M_i)
+            F_agg = F_agg + F_i  # Eq. (7): F_agg = F + Σ_i F_i
+
+        Y = self.decoder(F_agg, F_low)  # (B, N, H4, W4)   Eq. (8)
+        logits = TF.interpolate(Y.float(), size=x.shape[-2:], mode="bilinear", align_corners=False)  # (B, N, H, W)
+        return logits, sel
+
+
+def load_backbone(resnet, pretrained, arch):
+    """Load ImageNet weights into a torchvision ResNet whose norms may be GroupNorm.
+
+    pretrained = "imagenet": torchvision's weights API (IMAGENET1K_V2, BatchNorm-trained).
+    pretrained = a path: a .pth holding a state dict, bare or under "state_dict"/"model", with
+      torchvision names or OpenMMLab/Detectron names (`gn1` for `bn1`, prefix `backbone.`).
+
+    BN weights into GN: conv weights load unchanged; a BN layer's affine scale/shift load into
+    the GN layer's, and its running statistics are dropped, since GN has none. The features
+    the network was trained on are thereby changed (GN normalises over channel groups per
+    image, BN over the batch with frozen statistics), which is why BN ImageNet weights are
+    known to transfer poorly to GN: to reproduce the paper use a GN-pretrained checkpoint
+    (e.g. OpenMMLab's `resnet101_gn`, converted from Detectron), or `norm="bn"`.
+    Raises ValueError when the file matches nothing of the backbone.
+    """
+    if pretrained == "imagenet":
+        weights = getattr(torchvision.models, {"resnet50": "ResNet50_Weights", "resnet101": "ResNet101_Weights"}[arch])
+        state = weights.IMAGENET1K_V2.get_state_dict(progress=True)
+    else:
+        try:
+            state = torch.load(pretrained, map_location="cpu", weights_only=True)
+        except Exception as e:  # missing file, not a torch file, pickled objects
+            raise ValueError(f"cannot read pretrained weights {pretrained!r}: {e}") from None
+        for key in ("state_dict", "model"):
+            state = state.get(key, state) if isinstance(state, dict) else state
+    if not isinstance(state, dict):
+        raise ValueError(f"{pretrained!r} does not hold a state dict")
+    own = resnet.state_dict()
+    renamed = {}
+    for name, tensor in state.items():
+        name = re.sub(r"^(module\.)?(backbone\.)?", "", name)
+        name = re.sub(r"(^|\.)gn(\d)", r"\1bn\2", name)  # OpenMMLab names GroupNorm layers gn1, gn2, ...
+        if name in own and own[name].shape == tensor.shape:
+            renamed[name] = tensor
+    if not renamed:
+        raise ValueError(f"pretrained weights {pretrained!r} match no parameter of {arch}")
+    missing = [n for n in own if n not in renamed]
+    resnet.load_state_dict(renamed, strict=False)
+    print(f"backbone: loaded {len(renamed)}/{len(own)} tensors from {pretrained}"
+          + (f"; not found: {missing[:3]}{' ...' if len(missing) > 3 else ''}" if missing else ""))
+    if any(isinstance(m, nn.GroupNorm) for m in resnet.modules()) and any(n.endswith("running_mean") for n in state):
+        print("backbone: warning: BatchNorm-trained weights loaded into GroupNorm; they transfer poorly "
+              "(see README, 'Pretrained weights')")
+
+
+# ======================================================================================
+# 2. Objective (Sec. 3.6)
+# ======================================================================================
+
+
+def boundary_map(target, size, *, ignore_index=IGNORE):
+    """Boundary map B for L_sel, Eq. (9), built from ground-truth trainIds.
+
+    target (B, H, W) int64 -> (B_map (B, 1, h, w), valid (B, 1, h, w)), both float32 in {0, 1},
+    at `size` = (h, w), the selector's grid.
+    Paper is silent on B's width and resolution. Our choice: a pixel is a boundary pixel when
+    a different *valid* label lies in its 3×3 neighbourhood (edges against ignore do not count:
+    the void class is not an object); a cell of the h×w grid is a boundary cell (B = 1) when it
+    contains a boundary pixel, so B is binary and about one cell wide on each side of an edge.
+    `valid` marks cells that contain at least one labelled pixel; L_sel averages over those.
+    """
+    valid = (target != ignore_index).unsqueeze(1)  # (B, 1, H, W)
+    t = target.unsqueeze(1).float()  # (B, 1, H, W)
+    big = float(ignore_index) + 1.0
+    nb_max = TF.max_pool2d(torch.where(valid, t, -1.0), 3, stride=1, padding=1)  # (B, 1, H, W) largest valid label around
+    nb_min = -TF.max_pool2d(torch.where(valid, -t, -big), 3, stride=1, padding=1)  # (B, 1, H, W) smallest valid label around
+    edge = (valid & (nb_max != nb_min)).float()  # (B, 1, H, W)
+    B_map = TF.adaptive_max_pool2d(edge, size)  # (B, 1, h, w)
+    return B_map, TF.adaptive_max_pool2d(valid.float(), size)  # (B, 1, h, w) each
+
+
+class FoRNetLoss(nn.Module):
+    """L = L_CE + λ1·L_Dice + λ2·L_sel. Paper: Sec. 3.6, Eq. (9)-(10).
+
+    loss_fn(logits (B, N, H, W), sel (B, 1, h, w), target (B, H, W)) -> (total, parts),
+    parts = {"ce", "dice", "sel"} (detached, for logging). Every term is computed in float32 and
+    averages over labelled pixels/cells only; a batch with no labelled pixel gives 0.
+    Paper is silent on λ1, λ2: 1.0 and 0.5, as in the authors' code.
+    """
+
+    def __init__(self, *, num_classes=19, lambda_dice=1.0, lambda_sel=0.5, ignore_index=IGNORE):
+        super().__init__()
+        self.num_classes, self.ignore_index = num_classes, ignore_index
+        self.lambda_dice, self.lambda_sel = lambda_dice, lambda_sel
+
+    def forward(self, logits, sel, target):
+        assert logits.shape[0] == target.shape[0] and logits.shape[-2:] == target.shape[-2:], \
+            f"logits {tuple(logits.shape)} and target {tuple(target.shape)} disagree"
+        logits, sel = logits.float(), sel.float()
+        valid = target != self.ignore_index  # (B, H, W)
+        n_valid = valid.sum().clamp(min=1)
+
+        # L_CE: mean over labelled pixels (sum / count, so an all-ignore batch gives 0, not NaN).
+        L_ce = TF.cross_entropy(logits, target, ignore_index=self.ignore_index, reduction="sum") / n_valid
+
+        # L_Dice: soft Dice per class over the batch's labelled pixels, 1 - Dice averaged over
+        # the classes present in the target. Paper is silent on the variant; smoothing 1.
+        P = logits.softmax(dim=1) * valid.unsqueeze(1)  # (B, N, H, W)
+        T = TF.one_hot(target.masked_fill(~valid, 0), self.num_classes).permute(0, 3, 1, 2) * valid.unsqueeze(1)  # (B, N, H, W)
+        inter, p_sum, t_sum = (P * T).sum((0, 2, 3)), P.sum((0, 2, 3)), T.sum((0, 2, 3))  # (N,) each
+        dice = (2 * inter + 1) / (p_sum + t_sum + 1)  # (N,)
+        present = (t_sum > 0).float()  # (N,)
+        L_dice = ((1 - dice) * present).sum() / present.sum().clamp(min=1)
+
+        # Eq. (9): L_sel = BCE(S, B), on logits (numerically safe under AMP), labelled cells only.
+        B_map, cell_valid = boundary_map(target, sel.shape[-2:], ignore_index=self.ignore_index)  # (B, 1, h, w) each
+        bce = TF.binary_cross_entropy_with_logits(sel, B_map, reduction="none")  # (B, 1, h, w)
+        L_sel = (bce * cell_valid).sum() / cell_valid.sum().clamp(min=1)
+
+        total = L_ce + self.lambda_dice * L_dice + self.lambda_sel * L_sel  # Eq. (10)
+        return total, {"ce": L_ce.detach(), "dice": L_dice.detach(), "sel": L_sel.detach()}
