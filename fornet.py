@@ -317,3 +317,223 @@ class FoRNetLoss(nn.Module):
 
         total = L_ce + self.lambda_dice * L_dice + self.lambda_sel * L_sel  # Eq. (10)
         return total, {"ce": L_ce.detach(), "dice": L_dice.detach(), "sel": L_sel.detach()}
+
+
+# ======================================================================================
+# 3. Data: Cityscapes (Sec. 4.1)
+# ======================================================================================
+
+# The 19 evaluated classes in trainId order, and their official colours.
+CLASSES = ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
+           "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle",
+           "bicycle")
+PALETTE = ((128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153), (153, 153, 153),
+           (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152), (70, 130, 180), (220, 20, 60),
+           (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100), (0, 80, 100), (0, 0, 230), (119, 11, 32))
+# labelId of each trainId (cityscapesScripts' labels.py); every other id 0..33 maps to 255.
+TRAIN_ID_TO_ID = (7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33)
+# Lookup tables over all 256 uint8 values; -1 marks a value that is not a Cityscapes id.
+# Ids are 0..33; 255 (license plate's -1 stored as uint8) is accepted as ignore.
+ID_LUT = torch.full((256,), -1, dtype=torch.long)
+ID_LUT[:34] = IGNORE
+ID_LUT[255] = IGNORE
+ID_LUT[list(TRAIN_ID_TO_ID)] = torch.arange(19)
+TRAIN_ID_LUT = torch.full((256,), -1, dtype=torch.long)
+TRAIN_ID_LUT[:19] = torch.arange(19)
+TRAIN_ID_LUT[IGNORE] = IGNORE
+MEAN, STD = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])  # ImageNet, RGB
+
+
+class DataError(Exception):
+    """A user's file that cannot be used: data set (missing, unpaired, corrupt, mislabelled) or checkpoint."""
+
+
+def to_train_ids(label_ids):
+    """Official labelIds (0..33) -> trainIds (0..18, 255 = ignore). Tensor in, int64 tensor out."""
+    return ID_LUT[label_ids.long()]
+
+
+def to_label_ids(train_ids):
+    """trainIds (0..18; 255 -> 0 'unlabeled') -> official labelIds, int64: what the benchmark reads."""
+    lut = torch.zeros(256, dtype=torch.long)
+    lut[:19] = torch.tensor(TRAIN_ID_TO_ID)
+    return lut[train_ids.long()]
+
+
+def read_png(path):
+    """A PNG as a uint8 tensor, (H, W, 3) or (H, W); DataError naming the file if it is unreadable."""
+    from PIL import Image
+    import numpy as np
+    try:
+        with Image.open(path) as im:
+            return torch.from_numpy(np.array(im))
+    except (OSError, ValueError) as e:  # missing, truncated, not an image
+        raise DataError(f"cannot read {path}: {e}") from None
+
+
+class Cityscapes(torch.utils.data.Dataset):
+    """Cityscapes fine annotations in the official layout.
+
+    root/leftImg8bit/{split}/{city}/*_leftImg8bit.png paired with
+    root/gtFine/{split}/{city}/*_gtFine_labelTrainIds.png when present (cityscapesScripts'
+    createTrainIdLabelImgs), else *_gtFine_labelIds.png mapped with `to_train_ids`.
+    ds[i] -> transform(image (3, H, W) float32 in [0, 1], target (H, W) int64 trainIds),
+    at full resolution when transform is None. Pairs are sorted by image path.
+    """
+
+    def __init__(self, root, split="train", transform=None):
+        from pathlib import Path
+        image_dir = Path(root) / "leftImg8bit" / split
+        if not image_dir.is_dir():
+            raise DataError(f"{image_dir} not found: expected the Cityscapes layout root/leftImg8bit/{split}/<city>/")
+        self.images = sorted(image_dir.glob("*/*_leftImg8bit.png"))
+        if not self.images:
+            raise DataError(f"no *_leftImg8bit.png images under {image_dir}")
+        self.labels = []
+        for image in self.images:
+            stem = Path(root) / "gtFine" / split / image.parent.name / image.name.replace("_leftImg8bit.png", "_gtFine_")
+            label = Path(f"{stem}labelTrainIds.png")
+            label = label if label.exists() else Path(f"{stem}labelIds.png")
+            if not label.exists():
+                raise DataError(f"no label for {image}: expected {label}")
+            self.labels.append(label)
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        image = read_png(self.images[i])  # (H, W, 3) uint8
+        label = read_png(self.labels[i])  # (H, W) uint8
+        if image.dim() != 3 or image.shape[2] != 3 or label.shape != image.shape[:2]:
+            raise DataError(f"{self.images[i]} {tuple(image.shape)} and {self.labels[i]} {tuple(label.shape)} disagree")
+        lut = TRAIN_ID_LUT if self.labels[i].name.endswith("labelTrainIds.png") else ID_LUT
+        target = lut[label.long()]  # (H, W) int64
+        if (target < 0).any():
+            bad = label[target < 0].unique().tolist()
+            raise DataError(f"{self.labels[i]} holds value(s) {bad}, not Cityscapes {'train' if lut is TRAIN_ID_LUT else ''}ids")
+        image = image.permute(2, 0, 1).float() / 255  # (3, H, W)
+        return (image, target) if self.transform is None else self.transform(image, target)
+
+
+def normalize(image, target):
+    """Validation transform (Sec. 4.1): full image, ImageNet normalisation only."""
+    return (image - MEAN[:, None, None]) / STD[:, None, None], target
+
+
+class TrainTransform:
+    """Training augmentation (Sec. 4.1): random scale, random crop, horizontal flip, normalisation.
+
+    (3, H, W), (H, W) -> (3, crop, crop), (crop, crop). The image is padded with the ImageNet
+    mean (0 after normalisation) and the target with 255 where the scaled image is smaller
+    than the crop. Paper is silent on the scale range: 0.5-2.0, the common practice.
+    """
+
+    def __init__(self, crop=768, scale=(0.5, 2.0)):
+        self.crop, self.scale = crop, scale
+
+    def __call__(self, image, target):
+        s = torch.empty(()).uniform_(*self.scale).item()
+        H, W = round(image.shape[1] * s), round(image.shape[2] * s)
+        image = TF.interpolate(image[None], size=(H, W), mode="bilinear", align_corners=False, antialias=s < 1)[0]  # (3, H', W')
+        target = TF.interpolate(target[None, None].float(), size=(H, W), mode="nearest-exact")[0, 0].long()  # (H', W')
+        image, target = normalize(image, target)
+        pad_h, pad_w = max(self.crop - H, 0), max(self.crop - W, 0)
+        image = TF.pad(image, (0, pad_w, 0, pad_h), value=0.0)  # (3, H'', W'')
+        target = TF.pad(target, (0, pad_w, 0, pad_h), value=IGNORE)  # (H'', W'')
+        top = torch.randint(0, image.shape[1] - self.crop + 1, ()).item()
+        left = torch.randint(0, image.shape[2] - self.crop + 1, ()).item()
+        image = image[:, top:top + self.crop, left:left + self.crop]  # (3, crop, crop)
+        target = target[top:top + self.crop, left:left + self.crop]  # (crop, crop)
+        if torch.rand(()) < 0.5:
+            image, target = image.flip(-1), target.flip(-1)
+        return image.contiguous(), target.contiguous()
+
+
+def make_toy_cityscapes(root, *, n_train=48, n_val=12, size=(128, 256), seed=0):
+    """Write a small synthetic data set in the exact Cityscapes layout and labelIds.
+
+    Street-like scenes: sky, buildings, vegetation, sidewalk and road, crossed by thin poles
+    carrying traffic signs and lights, with cars and people: the paper's hard regions (thin
+    structures, sharp boundaries). Each class is drawn in its palette colour plus texture noise
+    and a per-image brightness change. Returns root. Deterministic in `seed`.
+    """
+    from pathlib import Path
+    from PIL import Image
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(lo, hi):  # an integer in [lo, hi)
+        return int(torch.randint(lo, hi, (), generator=g))
+
+    H, W = size
+    cls = {name: i for i, name in enumerate(CLASSES)}
+    for split, n in (("train", n_train), ("val", n_val)):
+        for i in range(n):
+            city = ("toytown", "mockburg")[i % 2]
+            t = torch.full((H, W), cls["sky"], dtype=torch.long)  # trainIds
+            horizon = rand(H * 3 // 10, H // 2)
+            for x0 in range(0, W, rand(W // 8, W // 4)):  # buildings and trees along the street
+                top = rand(H // 10, horizon)
+                t[top:horizon + H // 10, x0:x0 + rand(W // 16, W // 6)] = cls[("building", "vegetation")[rand(0, 2)]]
+            road_top = horizon + H // 10
+            t[road_top:] = cls["road"]
+            t[road_top:road_top + rand(H // 16, H // 8), :] = cls["sidewalk"]
+            for _ in range(rand(1, 4)):  # cars and people on the road
+                x0, y0 = rand(0, W - W // 6), rand(road_top, H - H // 10)
+                t[y0:y0 + rand(H // 12, H // 6), x0:x0 + rand(W // 12, W // 5)] = cls["car"]
+                px = rand(0, W - 4)
+                t[road_top - H // 8:road_top + H // 16, px:px + rand(2, 5)] = cls["person"]
+            for _ in range(rand(2, 5)):  # thin poles (1-3 px) with a sign or a light on top
+                px, top = rand(4, W - 8), rand(H // 10, horizon)
+                t[top:road_top + 2, px:px + rand(1, 4)] = cls["pole"]
+                t[top:top + rand(4, 9), px - 3:px + rand(4, 7)] = cls[("traffic sign", "traffic light")[rand(0, 2)]]
+            colours = torch.tensor(PALETTE, dtype=torch.float)[t]  # (H, W, 3)
+            noise = torch.randn(H, W, 3, generator=g) * 12 + torch.randn(3, generator=g) * 10
+            image = ((colours + noise) * (0.75 + 0.5 * torch.rand((), generator=g))).clamp(0, 255).byte()  # (H, W, 3)
+            label_ids = to_label_ids(t).byte()  # (H, W)
+            label_ids[:H // 20] = 3  # "out of roi" strip at the top: an id that maps to ignore
+            name = f"{city}_{i:06d}_000019"
+            for kind, array, suffix in (("leftImg8bit", image, "leftImg8bit"), ("gtFine", label_ids, "gtFine_labelIds")):
+                folder = Path(root) / kind / split / city
+                folder.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(array.numpy()).save(folder / f"{name}_{suffix}.png")
+    return root
+
+
+# ======================================================================================
+# 4. Metric: Cityscapes mIoU
+# ======================================================================================
+
+
+class ConfusionMatrix:
+    """One int64 confusion matrix over a whole split; rows = ground truth, columns = prediction.
+
+    IoU_c = TP / (TP + FP + FN); mIoU = mean over classes that occur (in ground truth or
+    prediction; others are NaN and left out), as the official Cityscapes evaluation computes it.
+    """
+
+    def __init__(self, num_classes=19, ignore_index=IGNORE):
+        self.num_classes, self.ignore_index = num_classes, ignore_index
+        self.mat = torch.zeros(num_classes, num_classes, dtype=torch.long)
+
+    def update(self, pred, target):
+        """pred, target: int tensors of the same shape (any); target's ignore_index is skipped."""
+        assert pred.shape == target.shape, f"prediction {tuple(pred.shape)} and target {tuple(target.shape)} differ"
+        keep = target != self.ignore_index
+        n = self.num_classes
+        idx = target[keep].long() * n + pred[keep].long()  # (P,)
+        self.mat += torch.bincount(idx, minlength=n * n).cpu().view(n, n)  # (N, N)
+
+    def reduce(self):
+        """Sum the matrices of all ranks (torch.distributed, when initialised)."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            mat = self.mat.cuda() if torch.distributed.get_backend() == "nccl" else self.mat  # NCCL needs GPU tensors
+            torch.distributed.all_reduce(mat)
+            self.mat = mat.cpu()
+
+    def compute(self):
+        """-> {"iou": (N,) float64 with NaN for absent classes, "miou", "acc"} (fractions)."""
+        m = self.mat.double()
+        tp = m.diag()  # (N,)
+        iou = tp / (m.sum(0) + m.sum(1) - tp)  # (N,)   0/0 = NaN for classes that never occur
+        return {"iou": iou, "miou": iou.nanmean().item(), "acc": (tp.sum() / m.sum().clamp(min=1)).item()}

@@ -242,3 +242,202 @@ def test_load_backbone_imagenet_uses_torchvision_weights_api(monkeypatch):
     model = small_model(pretrained="imagenet")
     assert calls == [torchvision.models.ResNet50_Weights.IMAGENET1K_V2]
     assert torch.equal(model.backbone.state_dict()["layer4.2.conv3.weight"], bn_state["layer4.2.conv3.weight"])
+
+
+# ---------------------------------------------------------------- data
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+import train
+from fornet import (CLASSES, ID_LUT, PALETTE, Cityscapes, ConfusionMatrix, DataError, TrainTransform, make_toy_cityscapes,
+                    to_label_ids, to_train_ids)
+
+REPO = Path(__file__).parent
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    return make_toy_cityscapes(tmp_path_factory.mktemp("toy"), n_train=4, n_val=2, size=(64, 128))
+
+
+def test_id_mapping_is_the_official_one():
+    assert len(CLASSES) == len(PALETTE) == 19 and CLASSES[5] == "pole" and CLASSES[18] == "bicycle"
+    ids = torch.arange(34)
+    train_ids = to_train_ids(ids)
+    assert train_ids[7] == 0 and train_ids[26] == 13 and train_ids[33] == 18  # road, car, bicycle
+    assert (train_ids[[0, 1, 2, 3, 4, 5, 6, 9, 10, 14, 15, 16, 18, 29, 30]] == 255).all()
+    assert (train_ids != 255).sum() == 19
+    assert torch.equal(to_train_ids(to_label_ids(torch.arange(19))), torch.arange(19))
+    assert ID_LUT[34] == -1 and ID_LUT[255] == 255  # not an id; license plate (-1 as uint8)
+
+
+def test_loader_pairs_and_maps(toy):
+    ds = Cityscapes(toy, "train")
+    assert len(ds) == 4 and ds.images == sorted(ds.images)
+    for image_path, label_path in zip(ds.images, ds.labels):
+        assert label_path.name == image_path.name.replace("leftImg8bit", "gtFine_labelIds")
+        assert label_path.parent.name == image_path.parent.name
+    image, target = ds[0]
+    assert image.shape == (3, 64, 128) and image.dtype == torch.float32 and 0 <= image.min() and image.max() <= 1
+    assert target.shape == (64, 128) and target.dtype == torch.int64
+    raw = torch.from_numpy(np.array(Image.open(ds.labels[0])))
+    assert torch.equal(target, to_train_ids(raw))
+    assert (target[:3] == 255).all()  # the toy's "out of roi" strip (id 3) is ignored
+
+
+def test_loader_prefers_label_train_ids(toy, tmp_path):
+    import shutil
+    shutil.copytree(toy, tmp_path / "cs")
+    ds = Cityscapes(tmp_path / "cs", "val")
+    train_ids = ds[0][1]
+    twin = Path(str(ds.labels[0]).replace("labelIds", "labelTrainIds"))
+    Image.fromarray(torch.where(train_ids == 255, 255, 18 - train_ids.clamp(max=18)).byte().numpy()).save(twin)
+    ds = Cityscapes(tmp_path / "cs", "val")
+    assert ds.labels[0] == twin
+    assert torch.equal(ds[0][1], torch.where(train_ids == 255, 255, 18 - train_ids.clamp(max=18)))
+
+
+def test_transform_keeps_image_and_label_aligned():
+    """Each 16×16 block's colour encodes its label; after scale/crop/flip they must still agree."""
+    torch.manual_seed(0)
+    target = torch.randint(0, 19, (6, 10)).repeat_interleave(16, 0).repeat_interleave(16, 1)  # (96, 160)
+    image = (target.float() * 10 / 255)[None].repeat(3, 1, 1)  # (3, 96, 160), value = 10 · label
+    transform = TrainTransform(crop=64, scale=(0.5, 2.0))
+    for _ in range(20):
+        x, t = transform(image, target)
+        assert x.shape == (3, 64, 64) and t.shape == (64, 64)
+        decoded = (x[0] * 0.229 + 0.485) * 255 / 10  # undo the normalisation: the label again
+        valid = t != 255
+        t_max, t_min = nn.functional.max_pool2d(t[None].float(), 5, 1, 2)[0], -nn.functional.max_pool2d(-t[None].float(), 5, 1, 2)[0]
+        interior = valid & (t_max == t_min)  # 2 px from any label edge (bilinear blends at edges) ...
+        interior[:2], interior[-2:], interior[:, :2], interior[:, -2:] = False, False, False, False  # ... and from the crop's (edges outside it)
+        assert interior.sum() > 100
+        assert torch.allclose(decoded[interior], t[interior].float(), atol=0.05)
+    square = image[:, :, :96], target[:, :96]  # crop = whole image: only the flip remains
+    flipped = [torch.equal(TrainTransform(crop=96, scale=(1, 1))(*square)[1], square[1].flip(-1)) for _ in range(20)]
+    assert 0 < sum(flipped) < 20  # both flipped and unflipped crops occur
+
+
+def test_transform_pads_with_ignore():
+    image, target = torch.rand(3, 40, 50), torch.zeros(40, 50, dtype=torch.long)
+    x, t = TrainTransform(crop=64, scale=(1, 1))(image, target)
+    assert x.shape == (3, 64, 64) and (t == 255).sum() == 64 * 64 - 40 * 50
+    assert (x[:, t == 255] == 0).all()  # padded with the mean, 0 after normalisation
+
+
+def test_confusion_matrix_small_example():
+    cm = ConfusionMatrix(num_classes=3)
+    cm.update(torch.tensor([0, 0, 1, 1, 0, 2]), torch.tensor([0, 1, 1, 255, 0, 0]))
+    assert cm.mat.tolist() == [[2, 0, 1], [1, 1, 0], [0, 0, 0]]
+    r = cm.compute()
+    np.testing.assert_allclose(r["iou"].numpy(), [2 / 4, 1 / 2, 0.0])
+    assert r["miou"] == pytest.approx((0.5 + 0.5 + 0) / 3) and r["acc"] == pytest.approx(3 / 5)
+
+
+# ---------------------------------------------------------------- train.py
+
+
+def run_train(*flags, env=None):
+    return subprocess.run([sys.executable, str(REPO / "train.py"), *map(str, flags)], capture_output=True, text=True,
+                          cwd=REPO, timeout=240, env=env)
+
+
+TINY = ["--backbone", "resnet50", "--channels", "16", "--crop", "64", "--batch-size", "2", "--lr", "1e-3", "--workers", "0"]
+
+
+def losses(log):
+    return [float(line.split("| loss ")[1].split()[0]) for line in log.splitlines() if line.startswith("iter ")]
+
+
+def test_short_training_run_lowers_loss_and_checkpoints(toy, tmp_path, capsys):
+    train.main(train.get_args(["--data", str(toy), "--out", str(tmp_path), "--iters", "12", "--log-every", "1", *TINY]))
+    log = capsys.readouterr().out
+    curve = losses(log)
+    assert len(curve) == 12 and np.mean(curve[-3:]) < np.mean(curve[:3]), curve
+    assert "val 12/12 | mIoU" in log
+    ckpt = train.load_checkpoint(tmp_path / "last.pt")
+    assert ckpt["iter"] == 12 and ckpt["config"]["data"] == str(Path(toy).resolve())
+    model = FoRNet(**ckpt["config"]["model"])
+    model.load_state_dict(ckpt["model"])
+    assert (tmp_path / "best.pt").exists() and not list(tmp_path.glob("*.tmp"))
+
+
+def test_resume_continues_iteration_and_lr(toy, tmp_path, capsys, monkeypatch):
+    flags = ["--data", str(toy), "--out", str(tmp_path), "--iters", "8", "--save-every", "4", "--log-every", "1", *TINY]
+    real_poly_lr = train.poly_lr
+
+    def killed_at_5(it, *a):  # the run dies during iteration 5, after last.pt was written at 4
+        if it == 4:
+            raise KeyboardInterrupt
+        return real_poly_lr(it, *a)
+    monkeypatch.setattr(train, "poly_lr", killed_at_5)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(train.get_args(flags))
+    monkeypatch.setattr(train, "poly_lr", real_poly_lr)
+    assert train.load_checkpoint(tmp_path / "last.pt")["iter"] == 4
+    capsys.readouterr()
+    train.main(train.get_args(["--resume", str(tmp_path / "last.pt"), "--workers", "0", "--log-every", "1"]))
+    log = [line for line in capsys.readouterr().out.splitlines() if line.startswith("iter ")]
+    assert log[0].startswith("iter 5/8") and f"lr {real_poly_lr(4, 8, 1e-3):.2e}" in log[0]
+    assert train.load_checkpoint(tmp_path / "last.pt")["iter"] == 8
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    train.save({"a": 1}, tmp_path / "last.pt")
+
+    def dies_half_way(obj, f):
+        Path(f).write_bytes(b"partial")
+        raise KeyboardInterrupt  # kill -9 during the write
+    monkeypatch.setattr(torch, "save", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        train.save({"a": 2}, tmp_path / "last.pt")
+    assert torch.load(tmp_path / "last.pt") == {"a": 1}
+
+
+def test_torchrun_two_processes_gloo(toy, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(REPO / "train.py"),
+                        "--data", str(toy), "--out", str(tmp_path), "--iters", "2", "--log-every", "1", "--device", "cpu",
+                        *TINY], capture_output=True, text=True, cwd=REPO, timeout=240)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "on 2 × cpu" in r.stdout and "iter 2/2" in r.stdout and r.stdout.count("val 2/2") == 1  # rank 0 logs
+    assert train.load_checkpoint(tmp_path / "last.pt")["iter"] == 2
+
+
+def test_bad_inputs_get_one_clear_line(toy, tmp_path):
+    import shutil
+    root = tmp_path / "cs"
+    shutil.copytree(toy, root)
+    ds = Cityscapes(root, "train")
+    cases = [(["--data", tmp_path / "nowhere"], "no such directory"),
+             (["--data", tmp_path], "leftImg8bit/train not found")]
+    for flags, message in cases:
+        r = run_train(*flags, "--out", tmp_path / "o", *TINY)
+        assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
+    ds.labels[1].rename(tmp_path / "moved.png")  # an image without its label
+    r = run_train("--data", root, "--out", tmp_path / "o", *TINY)
+    assert r.returncode != 0 and f"no label for {ds.images[1]}" in r.stderr and "Traceback" not in r.stderr
+    (tmp_path / "moved.png").rename(ds.labels[1])
+    good = ds.images[2].read_bytes()
+    ds.images[2].write_bytes(good[: len(good) // 2])  # truncated image, read in a worker process
+    r = run_train("--data", root, "--out", tmp_path / "o", "--iters", "4", *TINY[:-2], "--workers", "1")
+    assert r.returncode != 0 and f"cannot read {ds.images[2]}" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    ds.images[2].write_bytes(good)
+    label = np.array(Image.open(ds.labels[0]))
+    label[0, 0] = 40  # not a Cityscapes id
+    Image.fromarray(label).save(ds.labels[0])
+    with pytest.raises(DataError, match=r"holds value\(s\) \[40\], not Cityscapes ids"):
+        Cityscapes(root, "train")[0]
+    r = run_train("--data", root, "--out", tmp_path / "o", "--iters", "4", *TINY)
+    assert r.returncode != 0 and f"{ds.labels[0]} holds value(s) [40]" in r.stderr and "Traceback" not in r.stderr
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    torch.save({"model": {}}, tmp_path / "partial.pt")
+    for bad in ("junk.pt", "partial.pt", "missing.pt"):
+        r = run_train("--resume", tmp_path / bad)
+        assert r.returncode != 0 and "Traceback" not in r.stderr and str(tmp_path / bad) in r.stderr, r.stderr
