@@ -197,7 +197,7 @@ class FoRNet(nn.Module):
         for ratio, C_i in zip(self.ratios, self.branches):
             M_i = topk_mask(S, ratio)  # Eq. (2): M_i = TopK(S)
             if self.straight_through:
-                M_i = M_i + S - S.detach()  # value M_i, gradient as if M_i were S
+                M_i = M_i + (S - S.detach())  # value exactly M_i, gradient as if M_i were S
             F_i = C_i(F_ctx * M_i.to(F_ctx.dtype))  # Eq. (3), (6): F_i = C_i(F_ctx ⊙ M_i)
             F_agg = F_agg + F_i  # Eq. (7): F_agg = F + Σ_i F_i
 

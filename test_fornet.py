@@ -441,3 +441,182 @@ def test_bad_inputs_get_one_clear_line(toy, tmp_path):
     for bad in ("junk.pt", "partial.pt", "missing.pt"):
         r = run_train("--resume", tmp_path / bad)
         assert r.returncode != 0 and "Traceback" not in r.stderr and str(tmp_path / bad) in r.stderr, r.stderr
+
+
+# ---------------------------------------------------------------- evaluate.py
+
+import json
+import math
+
+from evaluate import HardRegions, get_args, gt_boundary, main, predict
+from fornet import TRAIN_ID_TO_ID
+
+TINY_MODEL = dict(num_classes=19, backbone="resnet50", channels=16)
+
+
+def write_ckpt(path, data, **model_kwargs):
+    """A checkpoint in train.py's format for an untrained model (no training needed)."""
+    torch.manual_seed(0)
+    kwargs = {**TINY_MODEL, **model_kwargs}
+    torch.save({"model": FoRNet(**kwargs).state_dict(), "optimizer": {}, "scaler": {}, "iter": 0,
+                "config": {"data": str(data), "amp": "off", "model": kwargs}, "best_miou": 0.0}, path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def toy_ckpt(tmp_path_factory):
+    root = tmp_path_factory.mktemp("toy")
+    data = make_toy_cityscapes(root / "data", n_train=2, n_val=2, size=(64, 128))
+    return root, data, write_ckpt(root / "tiny.pt", data)
+
+
+class Pointwise(nn.Module):
+    """A stand-in model: a 1×1 conv (no spatial context) plus `ramp` × column index × a per-class weight."""
+
+    def __init__(self, ramp=0.0):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.ramp = nn.Conv2d(3, 19, 1), ramp
+
+    def forward(self, x):
+        column = torch.linspace(-1, 1, 19)[:, None, None] * torch.arange(x.shape[-1])  # (19, 1, W)
+        return self.conv(x) + self.ramp * column, x[:, :1, ::8, ::8]
+
+
+# ---------------------------------------------------------------- metric
+
+
+def test_confusion_matrix_matches_direct_numpy_counting():
+    g = np.random.default_rng(0)
+    cm, counts = ConfusionMatrix(19), np.zeros((3, 19))  # rows: TP, FP, FN
+    for _ in range(3):  # accumulated over "images", as over a split
+        target = g.choice([0, 1, 2, 5, 8, 13, 255], size=(20, 30))  # 255 = ignore; most classes absent
+        pred = g.choice([0, 1, 2, 5, 8, 11], size=(20, 30))  # class 11 predicted but never in the GT
+        cm.update(torch.from_numpy(pred), torch.from_numpy(target))
+        valid = target != 255
+        for c in range(19):
+            counts[0, c] += np.sum(valid & (target == c) & (pred == c))
+            counts[1, c] += np.sum(valid & (target != c) & (pred == c))
+            counts[2, c] += np.sum(valid & (target == c) & (pred != c))
+    tp, fp, fn = counts
+    with np.errstate(invalid="ignore"):
+        iou = tp / (tp + fp + fn)  # NaN where a class is in neither GT nor prediction
+    result = cm.compute()
+    np.testing.assert_allclose(result["iou"].numpy(), iou)  # NaNs at the same places
+    assert result["iou"][11] == 0 and math.isnan(result["iou"][3])
+    assert result["miou"] == pytest.approx(np.nanmean(iou))
+    assert result["acc"] == pytest.approx(tp.sum() / (tp + fn).sum())
+
+
+# ---------------------------------------------------------------- saved predictions
+
+
+def test_saved_predictions_are_labelids_and_give_the_reported_miou(toy_ckpt, tmp_path):
+    root, data, ckpt = toy_ckpt
+    preds, colors, out = tmp_path / "pred", tmp_path / "color", tmp_path / "m.json"
+    metrics = main(get_args(["--ckpt", ckpt, "--save-pred", str(preds), "--save-color", str(colors),
+                             "--json", str(out), "--workers", "0", "--device", "cpu"]))
+    assert json.loads(out.read_text()) == json.loads(json.dumps(metrics))
+
+    dataset, cm, present = Cityscapes(data, "val"), ConfusionMatrix(19), set()
+    for image_path, (image, target) in zip(dataset.images, dataset):
+        stem = image_path.name.replace("_leftImg8bit.png", "")  # <city>_<seq>_<frame>
+        with Image.open(preds / f"{stem}_pred.png") as im:
+            assert im.mode == "L" and im.size == (target.shape[1], target.shape[0])
+            label_ids = torch.from_numpy(np.array(im))
+        assert set(label_ids.unique().tolist()) <= set(TRAIN_ID_TO_ID)  # official labelIds, not trainIds
+        cm.update(to_train_ids(label_ids), target)
+        present |= set(to_train_ids(label_ids).unique().tolist()) | set(target.unique().tolist())
+        with Image.open(colors / f"{stem}_color.png") as im:
+            assert im.size == (2 * target.shape[1], 2 * target.shape[0])  # 2×2 panels
+    assert cm.compute()["miou"] == pytest.approx(metrics["mIoU"], abs=1e-12)
+    assert [v is None for v in metrics["IoU"].values()] == [c not in present for c in range(19)]  # null = absent
+
+
+# ---------------------------------------------------------------- inference modes
+
+
+def test_slide_equals_whole_when_one_window_covers_the_image():
+    torch.manual_seed(0)
+    model, x = FoRNet(**TINY).eval(), torch.randn(1, 3, 40, 56)
+    whole = predict(model, x)
+    torch.testing.assert_close(predict(model, x, mode="slide", crop=64, stride=32), whole)
+    # Several overlapping windows, clamped at the border: exact for a model without spatial context.
+    pointwise = Pointwise()
+    torch.testing.assert_close(predict(pointwise, x, mode="slide", crop=24, stride=10), predict(pointwise, x))
+
+
+def test_flip_mirrors_the_flipped_pass_back():
+    model, x = Pointwise(ramp=0.3), torch.randn(1, 3, 16, 24)  # neither model nor input is mirror-symmetric
+    plain = model(x)[0].softmax(1)
+    mirrored = model(x.flip(-1))[0].softmax(1).flip(-1)  # the flipped pass, mirrored back
+    torch.testing.assert_close(predict(model, x, flip=True), (plain + mirrored) / 2)
+    assert not torch.allclose(predict(model, x, flip=True), predict(model, x))
+    probs = predict(model, x, scales=(0.5, 1.5), flip=True)
+    assert probs.shape == (1, 19, 16, 24) and torch.allclose(probs.sum(1), torch.ones(1, 16, 24))
+
+
+# ---------------------------------------------------------------- hard regions
+
+
+def test_trimap_band_on_a_hand_made_label():
+    target = torch.zeros(8, 10, dtype=torch.long)
+    target[:, 5:] = 1
+    target[0] = 255  # an ignored row: its edge with the classes is no boundary
+    edge = torch.zeros(8, 10, dtype=torch.bool)
+    edge[1:, 4:6] = True
+    assert torch.equal(gt_boundary(target), edge)
+
+    pred = target.clone()
+    pred[7, 0] = 1  # an error far from the boundary
+    pred[4, 3] = 1  # an error inside the ±1 px band
+    hard = HardRegions(widths=(1,), tol=1)
+    hard.update(pred, target)
+    mat = hard.trimap[1].mat
+    assert mat.sum() == 7 * 4  # labelled rows 1-7 × columns 3-6
+    assert mat[0, 1] == 1 and mat[0, 0] + mat[1, 1] == 27
+
+
+def test_boundary_f_score_tolerance():
+    target = torch.zeros(8, 20, dtype=torch.long)
+    target[:, 10:] = 1
+    pred = torch.zeros(8, 20, dtype=torch.long)
+    pred[:, 12:] = 1  # the boundary moved 2 px to the right
+    for tol, expected in ((1, 0.0), (2, 1.0)):
+        hard = HardRegions(widths=(1,), tol=tol)
+        hard.update(pred, target)
+        bf = hard.compute()["bf"]
+        assert bf[:2].tolist() == [expected, expected] and bf[2:].isnan().all()
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_bad_inputs_give_one_clear_error(toy_ckpt, tmp_path):
+    root, data, ckpt = toy_ckpt
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    cases = [(["--ckpt", str(tmp_path / "missing.pt")], "missing.pt not found"),
+             (["--ckpt", str(garbage)], "cannot load checkpoint"),
+             (["--ckpt", ckpt, "--split", "test"], "leftImg8bit/test not found"),
+             (["--ckpt", ckpt, "--data", str(tmp_path)], "not found"),
+             (["--ckpt", write_ckpt(tmp_path / "five.pt", data, num_classes=5)], "5-class model")]
+    for argv, message in cases:
+        with pytest.raises(DataError, match=message):
+            main(get_args(argv + ["--workers", "0", "--device", "cpu"]))
+    # From the command line: one line on stderr, non-zero exit, no traceback.
+    run = subprocess.run([sys.executable, "evaluate.py", "--ckpt", str(garbage)], capture_output=True, text=True,
+                         cwd=Path(__file__).parent)
+    assert run.returncode != 0 and run.stderr.startswith(f"error: cannot load checkpoint {garbage}")
+    assert len(run.stderr.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------- benchmark
+
+
+def test_benchmark_smoke(toy_ckpt, capsys):
+    rows = main(get_args(["--benchmark", "--ckpt", toy_ckpt[2], "--size", "64", "64", "--warmup", "0", "--runs", "1",
+                          "--device", "cpu"]))
+    out = capsys.readouterr().out
+    assert "FoR-Net (resnet50, C=16)" in out and "DeepLabV3-ResNet101" in out
+    assert [len(r) for r in rows] == [6, 6] and all(r[1] > 0 and r[2] > 0 and r[3] > 0 for r in rows)

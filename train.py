@@ -105,8 +105,10 @@ def load_checkpoint(path):
     """A training checkpoint, or one clear error saying why it cannot be used."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise DataError(f"cannot load checkpoint {path}: {str(e).strip().splitlines()[0]}") from None
+    except FileNotFoundError:
+        raise DataError(f"checkpoint {path} not found") from None
+    except Exception as e:  # torch.load's own messages are long and suggest unsafe loading
+        raise DataError(f"cannot load checkpoint {path}: not a PyTorch checkpoint ({type(e).__name__})") from None
     missing = [k for k in ("model", "optimizer", "scaler", "iter", "config") if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         raise DataError(f"{path} is not a train.py checkpoint (missing {', '.join(missing)})")

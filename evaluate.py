@@ -1,0 +1,351 @@
+"""Evaluate a FoR-Net checkpoint on Cityscapes: per-class IoU, mIoU, pixel accuracy, hard regions.
+
+    python evaluate.py --ckpt runs/fornet/best.pt                       # val split, whole image
+    python evaluate.py --ckpt best.pt --mode slide --crop 768 --stride 512
+    python evaluate.py --ckpt best.pt --scales 0.75 1 1.25 1.5 --flip    # multi-scale + flip
+    python evaluate.py --ckpt best.pt --save-pred preds/ --save-color vis/ --json val.json
+    python evaluate.py --benchmark --ckpt best.pt --size 1024 2048      # vs DeepLabV3-R101, no data
+
+mIoU is computed as the official Cityscapes script does: one confusion matrix over the whole
+split at the labels' full resolution, IoU = TP/(TP+FP+FN), the mean over classes that occur.
+"""
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as TF
+import torchvision
+from PIL import Image, ImageDraw, ImageFont
+from torch.utils.flop_counter import FlopCounterMode
+
+from fornet import (CLASSES, MEAN, PALETTE, STD, Cityscapes, ConfusionMatrix, DataError, FoRNet, boundary_map,
+                    normalize, to_label_ids, topk_mask)
+from train import load_checkpoint
+
+THIN = ("pole", "traffic light", "traffic sign")  # the thin classes reported beside mIoU
+MASK_COLORS = ((255, 40, 40), (255, 150, 0), (255, 255, 0), (0, 200, 255))  # innermost (smallest ratio) first
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("checkpoint and data")
+    g.add_argument("--ckpt", help="train.py checkpoint (last.pt / best.pt); the model is rebuilt from its config")
+    g.add_argument("--data", help="Cityscapes root; default: the path stored in the checkpoint")
+    g.add_argument("--split", default="val", help="leftImg8bit/<split> to evaluate")
+    g.add_argument("--workers", type=int, default=2, help="image-decoding processes")
+    g = p.add_argument_group("inference")
+    g.add_argument("--mode", choices=("whole", "slide"), default="whole", help="one pass, or crop×crop windows")
+    g.add_argument("--crop", type=int, default=768, help="slide: window size (default: the training crop, Sec. 4.1)")
+    g.add_argument("--stride", type=int, default=512, help="slide: step between windows")
+    g.add_argument("--scales", type=float, nargs="+", default=[1.0], help="input scales; softmax averaged over them")
+    g.add_argument("--flip", action="store_true", help="add horizontally flipped passes (softmax averaged)")
+    g.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto", help="auto: as in train.py")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g = p.add_argument_group("hard regions")
+    g.add_argument("--trimap", type=int, nargs="+", default=[3, 5, 10], help="mIoU within d px of a GT boundary")
+    g.add_argument("--bf-tol", type=int, default=3, help="boundary F-score: match tolerance in px")
+    g = p.add_argument_group("outputs")
+    g.add_argument("--json", help="write the metrics to this file")
+    g.add_argument("--save-pred", help="directory for labelId PNGs, as the official script and server read them")
+    g.add_argument("--save-color", help="directory for 2×2 pictures: image, prediction, S, Top-K masks")
+    g.add_argument("--log-every", type=int, default=50, help="progress line every N images")
+    g = p.add_argument_group("benchmark (needs no data)")
+    g.add_argument("--benchmark", action="store_true", help="params, GMACs, latency, memory vs DeepLabV3-R101")
+    g.add_argument("--size", type=int, nargs=2, default=[1024, 2048], metavar=("H", "W"), help="CPU: try 256 512")
+    g.add_argument("--backbone", choices=("resnet101", "resnet50"), default="resnet101", help="if no --ckpt")
+    g.add_argument("--warmup", type=int, default=3, help="untimed runs first")
+    g.add_argument("--runs", type=int, default=10, help="timed runs")
+    args = p.parse_args(argv)
+    if not args.ckpt and not args.benchmark:
+        p.error("--ckpt is required (except with --benchmark)")
+    if args.mode == "slide" and not 0 < args.stride <= args.crop:
+        p.error(f"--stride must be in (0, --crop], got {args.stride} and {args.crop}")
+    return args
+
+
+# ---------------------------------------------------------------- inference
+
+
+def slide(model, x, crop, stride):
+    """Sliding-window logits. x (1, 3, H, W) -> (1, N, H, W).
+
+    Windows of crop×crop every `stride` px; the last window of a row/column is moved back to end
+    at the border, and a side shorter than `crop` gets one window of its own length (no padding).
+    Logits are summed and divided by the number of windows that cover each pixel.
+    """
+    H, W = x.shape[-2:]
+    starts = lambda L: list(range(0, max(L - crop, 0), stride)) + [max(L - crop, 0)]  # noqa: E731
+    total, count = 0, x.new_zeros(1, 1, H, W)
+    for top in starts(H):
+        for left in starts(W):
+            logits, _ = model(x[..., top:top + crop, left:left + crop])  # (1, N, crop, crop)
+            if isinstance(total, int):
+                total = x.new_zeros(1, logits.shape[1], H, W)  # (1, N, H, W)
+            total[..., top:top + crop, left:left + crop] += logits.float()
+            count[..., top:top + crop, left:left + crop] += 1
+    return total / count
+
+
+@torch.no_grad()
+def predict(model, image, *, mode="whole", crop=768, stride=512, scales=(1.0,), flip=False, amp_dtype=None):
+    """Class probabilities of one image. image (1, 3, H, W), normalised -> (1, N, H, W) float32.
+
+    Each scale s resizes the input to round(s·H)×round(s·W); with `flip` the mirrored input is run
+    too and its logits are mirrored back. Every pass's logits are resized to H×W and turned into
+    softmax probabilities, which are averaged over the passes (as mmsegmentation does).
+    Paper is silent on test-time augmentation; the default (one whole-image pass) has none.
+    """
+    H, W = image.shape[-2:]
+    probs = 0
+    for s in scales:
+        x = image if s == 1 else TF.interpolate(image, size=(round(s * H), round(s * W)), mode="bilinear",
+                                                align_corners=False, antialias=s < 1)  # (1, 3, sH, sW)
+        for flipped in (False, True) if flip else (False,):
+            xi = x.flip(-1) if flipped else x
+            with torch.autocast(image.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                logits = model(xi)[0] if mode == "whole" else slide(model, xi, crop, stride)  # (1, N, sH, sW)
+            logits = logits.float().flip(-1) if flipped else logits.float()  # back to the image's orientation
+            if logits.shape[-2:] != (H, W):
+                logits = TF.interpolate(logits, size=(H, W), mode="bilinear", align_corners=False)  # (1, N, H, W)
+            probs = probs + logits.softmax(1)
+    return probs / (len(scales) * (2 if flip else 1))
+
+
+# ---------------------------------------------------------------- hard-region metrics
+
+
+def gt_boundary(target):
+    """(H, W) trainIds -> (H, W) bool: labelled pixels with a different labelled trainId among their 8 neighbours."""
+    return boundary_map(target[None], target.shape[-2:])[0][0, 0] > 0  # full size: adaptive pooling = identity
+
+
+def dilate(mask, d):
+    """(..., H, W) bool -> (..., H, W) bool: pixels within Chebyshev distance d of a set pixel."""
+    x = mask.float().reshape(-1, 1, *mask.shape[-2:])  # (X, 1, H, W)
+    return (TF.max_pool2d(x, 2 * d + 1, stride=1, padding=d) > 0).view(mask.shape)
+
+
+class HardRegions:
+    """Hard-region metrics accumulated over a split (counts summed over images, never per-image means).
+
+    Trimap mIoU at width d: a ConfusionMatrix over the pixels within d px (Chebyshev) of a GT
+    boundary pixel. Boundary F-score: per class c, the boundary pixels of c in the GT and in the
+    prediction (both by `gt_boundary`, prediction restricted to labelled pixels); precision =
+    predicted ones within `tol` px of a GT one, recall = GT ones within `tol` px of a predicted
+    one; F_c = 2PR/(P+R) from the summed counts; mean over classes with any boundary pixel.
+    """
+
+    def __init__(self, widths=(3, 5, 10), tol=3, num_classes=19):
+        self.trimap = {d: ConfusionMatrix(num_classes) for d in widths}
+        self.tol, self.num_classes = tol, num_classes
+        self.counts = torch.zeros(4, num_classes, dtype=torch.long)  # matched pred, all pred, matched GT, all GT
+
+    def update(self, pred, target):
+        """pred, target (H, W) trainIds (target 255 = ignore)."""
+        edge_gt = gt_boundary(target)  # (H, W)
+        for d, cm in self.trimap.items():
+            band = dilate(edge_gt, d)  # (H, W)
+            cm.update(pred[band], target[band])
+        valid = target != 255
+        edge_pred = gt_boundary(pred.masked_fill(~valid, 255))  # (H, W)
+        c = torch.arange(self.num_classes, device=pred.device)[:, None, None]  # (N, 1, 1)
+        B_gt, B_pred = edge_gt & (target == c), edge_pred & (pred == c)  # (N, H, W) each
+        matched_pred = (B_pred & dilate(B_gt, self.tol)).sum((1, 2))  # (N,)
+        matched_gt = (B_gt & dilate(B_pred, self.tol)).sum((1, 2))  # (N,)
+        self.counts += torch.stack([matched_pred, B_pred.sum((1, 2)), matched_gt, B_gt.sum((1, 2))]).cpu()  # (4, N)
+
+    def compute(self):
+        """-> {"trimap": {d: mIoU}, "bf": (N,) float64, NaN where a class has no boundary pixel}."""
+        m_p, n_p, m_g, n_g = self.counts.double()
+        P, R = m_p / n_p.clamp(min=1), m_g / n_g.clamp(min=1)  # (N,) each
+        bf = torch.where(P + R > 0, 2 * P * R / (P + R), 0.0)  # (N,)
+        bf[(n_p + n_g) == 0] = math.nan
+        return {"trimap": {d: cm.compute()["miou"] for d, cm in self.trimap.items()}, "bf": bf}
+
+
+# ---------------------------------------------------------------- pictures
+
+
+def save_color(path, image, pred, sel, ratios):
+    """One PNG of 2×2 panels: image | prediction (PALETTE) / S = σ(sel) over image | Top-K masks over image.
+
+    image (1, 3, H, W) normalised, pred (H, W) trainIds, sel (1, 1, h, w). The masks of the
+    ratios are nested, so each location is coloured by the smallest ratio whose mask holds it.
+    """
+    H, W = pred.shape
+    rgb = (image[0].cpu() * STD[:, None, None] + MEAN[:, None, None]).clamp(0, 1)  # (3, H, W)
+    color = torch.tensor(PALETTE, dtype=torch.float)[pred.cpu()].permute(2, 0, 1) / 255  # (3, H, W)
+    S = sel.float().sigmoid().cpu()  # (1, 1, h, w)   Eq. (1)
+    s = TF.interpolate(S, size=(H, W), mode="bilinear", align_corners=False)[0]  # (1, H, W)
+    heat = torch.cat([(3 * s).clamp(0, 1), (3 * s - 1).clamp(0, 1), (3 * s - 2).clamp(0, 1)])  # (3, H, W) black→white
+    level = sum(topk_mask(S, r) for r in ratios)  # (1, 1, h, w): number of masks holding each cell
+    level = TF.interpolate(level, size=(H, W), mode="nearest")[0, 0].long()  # (H, W)
+    inner = (len(ratios) - level).clamp(max=len(ratios) - 1) % len(MASK_COLORS)  # (H, W) index of the smallest mask
+    mask_rgb = torch.tensor(MASK_COLORS, dtype=torch.float)[inner].permute(2, 0, 1) / 255  # (3, H, W)
+    masks = torch.where(level > 0, 0.35 * rgb + 0.65 * mask_rgb, 0.5 * rgb)  # (3, H, W)
+    grid = torch.cat([torch.cat([rgb, color], 2), torch.cat([0.4 * rgb + 0.6 * heat, masks], 2)], 1)  # (3, 2H, 2W)
+    picture = Image.fromarray((grid * 255).round().byte().permute(1, 2, 0).numpy())
+    draw = ImageDraw.Draw(picture)
+    try:  # Pillow >= 10.1 scales its built-in font
+        font = ImageFont.load_default(size=max(10, H // 20))
+    except TypeError:
+        font = None
+    white, legend = (255, 255, 255), [(f"{r:.0%}", MASK_COLORS[i % 4]) for i, r in enumerate(ratios)]
+    for (x, y), items in (((0, 0), [("image", white)]), ((W, 0), [("prediction", white)]),
+                          ((0, H), [("S = sigmoid(sel)", white)]), ((W, H), [("Top-K masks:", white)] + legend)):
+        x += 3
+        for text, fill in items:
+            box = draw.textbbox((x, y + 2), text, font=font)
+            draw.rectangle(box, fill=(0, 0, 0))
+            draw.text((x, y + 2), text, fill=fill, font=font)
+            x = box[2] + 4
+    picture.save(path)
+
+
+# ---------------------------------------------------------------- benchmark
+
+
+def benchmark(models, size, device, amp_dtype, warmup=3, runs=10):
+    """Params, GMACs (FLOPs/2 of convs and matmuls, counted on the meta device), latency and peak memory.
+
+    models: [(name, constructor)], each model returning its output for x (1, 3, H, W). Returns rows.
+    """
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    rows = []
+    for name, build in models:
+        with torch.device("meta"):
+            meta = build().eval()
+        with FlopCounterMode(display=False) as counter:
+            meta(torch.empty(1, 3, *size, device="meta"))
+        model = build().eval().to(device)
+        x = torch.randn(1, 3, *size, device=device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            for _ in range(warmup):
+                model(x)
+            sync()  # CUDA runs asynchronously: wait for the GPU before reading the clock
+            t0 = time.perf_counter()
+            for _ in range(runs):
+                model(x)
+            sync()
+        latency = (time.perf_counter() - t0) / runs
+        mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else math.nan
+        rows.append((name, sum(p.numel() for p in meta.parameters()) / 1e6, counter.get_total_flops() / 2e9,
+                     latency * 1e3, 1 / latency, mem))
+        del model, meta
+    return rows
+
+
+def load_model(path):
+    """FoRNet rebuilt from a train.py checkpoint's config, with its weights; DataError if unusable."""
+    ckpt = load_checkpoint(path)
+    config = ckpt["config"] if isinstance(ckpt["config"], dict) else {}
+    if not isinstance(config.get("model"), dict):
+        raise DataError(f"{path} has no config['model'] (the FoRNet arguments): re-save it with the current train.py")
+    if config["model"].get("num_classes", 19) != len(CLASSES):
+        raise DataError(f"{path} holds a {config['model']['num_classes']}-class model; "
+                        f"Cityscapes evaluation needs {len(CLASSES)} classes")
+    try:
+        model = FoRNet(**config["model"])
+        model.load_state_dict(ckpt["model"])
+    except (TypeError, RuntimeError, ValueError, AssertionError) as e:
+        raise DataError(f"{path}: weights do not fit the model in its config: {str(e).splitlines()[0]}") from None
+    return model.eval(), config
+
+
+# ---------------------------------------------------------------- main
+
+
+def main(args):
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DataError(f"--device {args.device}: no GPU visible (use --device cpu)")
+    if args.amp == "auto":
+        args.amp = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.type == "cuda" else "off"
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[args.amp]
+
+    if args.benchmark:
+        kwargs = load_model(args.ckpt)[1]["model"] if args.ckpt else dict(backbone=args.backbone)
+        if device.type == "cpu" and args.size == [1024, 2048]:
+            print("note: full Cityscapes size on a CPU is slow; pass e.g. --size 256 512")
+        deeplab = lambda: torchvision.models.segmentation.deeplabv3_resnet101(  # noqa: E731
+            weights=None, weights_backbone=None, num_classes=19, aux_loss=False)
+        rows = benchmark([(f"FoR-Net ({kwargs.get('backbone', 'resnet101')}, C={kwargs.get('channels', 256)})",
+                           lambda: FoRNet(**kwargs)), ("DeepLabV3-ResNet101 (torchvision)", deeplab)],
+                         args.size, device, amp_dtype, args.warmup, args.runs)
+        print(f"1×3×{args.size[0]}×{args.size[1]} on {device.type} | amp {args.amp} | {args.warmup} warm-up + "
+              f"{args.runs} timed runs | torch {torch.__version__}")
+        print(f"{'model':<36}{'params (M)':>11}{'GMACs':>10}{'latency (ms)':>14}{'FPS':>8}{'peak mem (GiB)':>16}")
+        for name, params, gmacs, ms, fps, mem in rows:
+            print(f"{name:<36}{params:>11.2f}{gmacs:>10.1f}{ms:>14.1f}{fps:>8.2f}{mem:>16.2f}".replace("nan", "  -"))
+        return rows
+
+    model, config = load_model(args.ckpt)
+    model.to(device)
+    data = args.data or config.get("data")
+    if not data:
+        raise DataError(f"{args.ckpt} stores no data path: pass --data /path/to/cityscapes")
+    dataset = Cityscapes(data, args.split, transform=normalize)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=args.workers)
+    for folder in filter(None, (args.save_pred, args.save_color)):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    print(f"{args.ckpt}: {len(dataset)} {args.split} images from {data} | mode {args.mode} | scales "
+          f"{args.scales} | flip {args.flip} | amp {args.amp} | {device}")
+
+    cm, hard = ConfusionMatrix(len(CLASSES)), HardRegions(args.trimap, args.bf_tol, len(CLASSES))
+    t0 = time.time()
+    for i, (image, target) in enumerate(loader):
+        image, target = image[None].to(device), target.to(device)  # (1, 3, H, W), (H, W)
+        probs = predict(model, image, mode=args.mode, crop=args.crop, stride=args.stride, scales=args.scales,
+                        flip=args.flip, amp_dtype=amp_dtype)  # (1, N, H, W)
+        pred = probs.argmax(1)[0]  # (H, W) trainIds
+        cm.update(pred, target)
+        hard.update(pred, target)
+        name = dataset.images[i].name.replace("_leftImg8bit.png", "")  # <city>_<seq>_<frame>
+        if args.save_pred:
+            Image.fromarray(to_label_ids(pred).byte().cpu().numpy()).save(Path(args.save_pred) / f"{name}_pred.png")
+        if args.save_color:
+            with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                _, sel = model(image)  # (1, 1, h, w)   whole image at scale 1, whatever --mode
+            save_color(Path(args.save_color) / f"{name}_color.png", image, pred, sel, model.ratios)
+        if (i + 1) % args.log_every == 0 or i + 1 == len(dataset):
+            print(f"{i + 1}/{len(dataset)} images | {(i + 1) / (time.time() - t0):.2f} img/s | mIoU so far "
+                  f"{cm.compute()['miou'] * 100:.2f}")
+
+    result, hr = cm.compute(), hard.compute()
+    iou, bf = result["iou"], hr["bf"]
+    thin = iou[[CLASSES.index(c) for c in THIN]].nanmean().item()
+    pct = lambda v: "    -" if math.isnan(v) else f"{100 * v:5.2f}"  # noqa: E731
+    print(f"\n{'class':<15}{'IoU':>7}{f'BF@{args.bf_tol}px':>9}")
+    for c, name in enumerate(CLASSES):
+        print(f"{name:<15}{pct(iou[c].item()):>7}{pct(bf[c].item()):>9}")
+    print(f"{'mean':<15}{pct(result['miou']):>7}{pct(bf.nanmean().item()):>9}")
+    print(f"\nmIoU {pct(result['miou'])} | pixel acc {pct(result['acc'])} | thin classes ({', '.join(THIN)}) "
+          f"mIoU {pct(thin)}")
+    print("trimap mIoU " + " | ".join(f"±{d}px {pct(v)}" for d, v in hr["trimap"].items())
+          + f" | boundary F @{args.bf_tol}px {pct(bf.nanmean().item())}")
+
+    nan_none = lambda v: None if math.isnan(v) else v  # noqa: E731
+    metrics = {"mIoU": nan_none(result["miou"]), "pixel_acc": result["acc"], "thin_mIoU": nan_none(thin),
+               "IoU": {n: nan_none(v) for n, v in zip(CLASSES, iou.tolist())},
+               "trimap_mIoU": {str(d): nan_none(v) for d, v in hr["trimap"].items()},
+               "boundary_F": nan_none(bf.nanmean().item()), "boundary_F_tol_px": args.bf_tol,
+               "boundary_F_per_class": {n: nan_none(v) for n, v in zip(CLASSES, bf.tolist())}, "images": len(dataset),
+               **{k: vars(args)[k] for k in ("ckpt", "split", "mode", "crop", "stride", "scales", "flip", "amp")}}
+    if args.json:
+        Path(args.json).write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
+if __name__ == "__main__":
+    try:
+        main(get_args())
+    except DataError as e:
+        lines = str(e).strip().splitlines()
+        worker = [line.split("DataError: ", 1)[1] for line in lines if "DataError: " in line]  # from a loader worker
+        sys.exit("error: " + (worker[-1] if worker else lines[0]))
