@@ -538,7 +538,7 @@ def test_saved_predictions_are_labelids_and_give_the_reported_miou(toy_ckpt, tmp
 
 def test_slide_equals_whole_when_one_window_covers_the_image():
     torch.manual_seed(0)
-    model, x = FoRNet(**TINY).eval(), torch.randn(1, 3, 40, 56)
+    model, x = FoRNet(**TINY_MODEL).eval(), torch.randn(1, 3, 40, 56)
     whole = predict(model, x)
     torch.testing.assert_close(predict(model, x, mode="slide", crop=64, stride=32), whole)
     # Several overlapping windows, clamped at the border: exact for a model without spatial context.
