@@ -24,7 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fornet import (CLASSES, MEAN, PALETTE, STD, Cityscapes, ConfusionMatrix, DataError, FoRNet, boundary_map,
                     normalize, to_label_ids, topk_mask)
-from train import load_checkpoint
+from train import load_checkpoint, resolve_amp
 
 THIN = ("pole", "traffic light", "traffic sign")  # the thin classes reported beside mIoU
 MASK_COLORS = ((255, 40, 40), (255, 150, 0), (255, 255, 0), (0, 200, 255))  # innermost (smallest ratio) first
@@ -265,9 +265,7 @@ def main(args):
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DataError(f"--device {args.device}: no GPU visible (use --device cpu)")
-    if args.amp == "auto":
-        args.amp = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.type == "cuda" else "off"
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[args.amp]
+    args.amp, amp_dtype = resolve_amp(args.amp, device)
 
     if args.benchmark:
         kwargs = load_model(args.ckpt)[1]["model"] if args.ckpt else dict(backbone=args.backbone)

@@ -94,6 +94,13 @@ def validate(model, dataset, device, amp_dtype, rank=0, world=1):
     return cm.compute()
 
 
+def resolve_amp(amp, device):
+    """--amp -> (name, autocast dtype or None); auto = bf16 on GPUs that support it, else fp16; off on CPU."""
+    if amp == "auto":
+        amp = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.type == "cuda" else "off"
+    return amp, {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
+
+
 def save(obj, path):
     """Write, then rename: a kill at any moment leaves the previous file intact."""
     tmp = Path(f"{path}.tmp")
@@ -167,9 +174,7 @@ def main(args):
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
-    if args.amp == "auto":
-        args.amp = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.type == "cuda" else "off"
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[args.amp]
+    args.amp, amp_dtype = resolve_amp(args.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)  # a no-op unless fp16
     it, best_miou = 0, 0.0
     if ckpt:
