@@ -4,6 +4,7 @@
     python evaluate.py --ckpt best.pt --mode slide --crop 768 --stride 512
     python evaluate.py --ckpt best.pt --scales 0.75 1 1.25 1.5 --flip    # multi-scale + flip
     python evaluate.py --ckpt best.pt --save-pred preds/ --save-color vis/ --json val.json
+    python evaluate.py --ckpt best.pt --images photo.jpg folder/ --save-color out/   # your own pictures, no labels
     python evaluate.py --benchmark --ckpt best.pt --size 1024 2048      # vs DeepLabV3-R101, no data
 
 mIoU is computed as the official Cityscapes script does: one confusion matrix over the whole
@@ -22,9 +23,8 @@ import torchvision
 from PIL import Image, ImageDraw, ImageFont
 from torch.utils.flop_counter import FlopCounterMode
 
-from fornet import (CLASSES, MEAN, PALETTE, STD, Cityscapes, ConfusionMatrix, DataError, FoRNet, boundary_map,
-                    normalize, to_label_ids, topk_mask)
-from train import load_checkpoint, resolve_amp
+from fornet import (CLASSES, PALETTE, Cityscapes, ConfusionMatrix, DataError, FoRNet, boundary_map,
+                    load_checkpoint, load_model, normalize, read_image, resolve_amp, to_label_ids, topk_mask)
 
 THIN = ("pole", "traffic light", "traffic sign")  # the thin classes reported beside mIoU
 MASK_COLORS = ((255, 40, 40), (255, 150, 0), (255, 255, 0), (0, 200, 255))  # innermost (smallest ratio) first
@@ -33,17 +33,20 @@ MASK_COLORS = ((255, 40, 40), (255, 150, 0), (255, 255, 0), (0, 200, 255))  # in
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("checkpoint and data")
-    g.add_argument("--ckpt", help="train.py checkpoint (last.pt / best.pt); the model is rebuilt from its config")
+    g.add_argument("--ckpt", help="train.py checkpoint (best.pt / last.pt); the model is rebuilt from its config")
     g.add_argument("--data", help="Cityscapes root; default: the path stored in the checkpoint")
     g.add_argument("--split", default="val", help="leftImg8bit/<split> to evaluate")
     g.add_argument("--workers", type=int, default=2, help="image-decoding processes")
+    g.add_argument("--images", nargs="+", metavar="PATH",
+                   help="your own images (files or folders of .png/.jpg/.jpeg) instead of a split: no labels, no metrics")
     g = p.add_argument_group("inference")
     g.add_argument("--mode", choices=("whole", "slide"), default="whole", help="one pass, or crop×crop windows")
     g.add_argument("--crop", type=int, default=768, help="slide: window size (default: the training crop, Sec. 4.1)")
     g.add_argument("--stride", type=int, default=512, help="slide: step between windows")
     g.add_argument("--scales", type=float, nargs="+", default=[1.0], help="input scales; softmax averaged over them")
     g.add_argument("--flip", action="store_true", help="add horizontally flipped passes (softmax averaged)")
-    g.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto", help="auto: as in train.py")
+    g.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="off",
+                   help="off (default): float32, as published numbers are; auto/bf16/fp16 for speed (auto as in train.py)")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g = p.add_argument_group("hard regions")
     g.add_argument("--trimap", type=int, nargs="+", default=[3, 5, 10], help="mIoU within d px of a GT boundary")
@@ -62,6 +65,8 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     if not args.ckpt and not args.benchmark:
         p.error("--ckpt is required (except with --benchmark)")
+    if args.images and not (args.save_color or args.save_pred):
+        p.error("--images needs --save-color DIR and/or --save-pred DIR (there are no labels to score)")
     if args.mode == "slide" and not 0 < args.stride <= args.crop:
         p.error(f"--stride must be in (0, --crop], got {args.stride} and {args.crop}")
     return args
@@ -173,16 +178,16 @@ class HardRegions:
 def save_color(path, image, pred, sel, ratios):
     """One PNG of 2×2 panels: image | prediction (PALETTE) / S = σ(sel) over image | Top-K masks over image.
 
-    image (1, 3, H, W) normalised, pred (H, W) trainIds, sel (1, 1, h, w). The masks of the
-    ratios are nested, so each location is coloured by the smallest ratio whose mask holds it.
+    image (3, H, W) uint8, pred (H, W) trainIds, sel (1, 1, h, w). The masks of the ratios are
+    nested, so each location is coloured by the smallest ratio whose mask holds it.
     """
     H, W = pred.shape
-    rgb = (image[0].cpu() * STD[:, None, None] + MEAN[:, None, None]).clamp(0, 1)  # (3, H, W)
+    rgb = image.cpu().float() / 255  # (3, H, W)
     color = torch.tensor(PALETTE, dtype=torch.float)[pred.cpu()].permute(2, 0, 1) / 255  # (3, H, W)
     S = sel.float().sigmoid().cpu()  # (1, 1, h, w)   Eq. (1)
     s = TF.interpolate(S, size=(H, W), mode="bilinear", align_corners=False)[0]  # (1, H, W)
     heat = torch.cat([(3 * s).clamp(0, 1), (3 * s - 1).clamp(0, 1), (3 * s - 2).clamp(0, 1)])  # (3, H, W) black→white
-    level = sum(topk_mask(S, r) for r in ratios)  # (1, 1, h, w): number of masks holding each cell
+    level = sum(topk_mask(sel.cpu(), r) for r in ratios)  # (1, 1, h, w): number of masks holding each cell
     level = TF.interpolate(level, size=(H, W), mode="nearest")[0, 0].long()  # (H, W)
     inner = (len(ratios) - level).clamp(max=len(ratios) - 1) % len(MASK_COLORS)  # (H, W) index of the smallest mask
     mask_rgb = torch.tensor(MASK_COLORS, dtype=torch.float)[inner].permute(2, 0, 1) / 255  # (3, H, W)
@@ -241,24 +246,48 @@ def benchmark(models, size, device, amp_dtype, warmup=3, runs=10):
     return rows
 
 
-def load_model(path):
-    """FoRNet rebuilt from a train.py checkpoint's config, with its weights; DataError if unusable."""
-    ckpt = load_checkpoint(path)
-    config = ckpt["config"] if isinstance(ckpt["config"], dict) else {}
-    if not isinstance(config.get("model"), dict):
-        raise DataError(f"{path} has no config['model'] (the FoRNet arguments): re-save it with the current train.py")
-    if config["model"].get("num_classes", 19) != len(CLASSES):
-        raise DataError(f"{path} holds a {config['model']['num_classes']}-class model; "
-                        f"Cityscapes evaluation needs {len(CLASSES)} classes")
-    try:
-        model = FoRNet(**config["model"])
-        model.load_state_dict(ckpt["model"])
-    except (TypeError, RuntimeError, ValueError, AssertionError) as e:
-        raise DataError(f"{path}: weights do not fit the model in its config: {str(e).splitlines()[0]}") from None
-    return model.eval(), config
-
-
 # ---------------------------------------------------------------- main
+
+
+def infer(model, image, name, args, amp_dtype):
+    """(H, W) trainIds for one image (3, H, W) uint8 on the device; writes `name`_pred/_color.png when asked."""
+    x = normalize(image[None])  # (1, 3, H, W)
+    pred = predict(model, x, mode=args.mode, crop=args.crop, stride=args.stride, scales=args.scales, flip=args.flip,
+                   amp_dtype=amp_dtype).argmax(1)[0]  # (H, W)
+    if args.save_pred:  # official labelIds, as cityscapesScripts and the test server read them
+        Image.fromarray(to_label_ids(pred).byte().cpu().numpy()).save(Path(args.save_pred) / f"{name}_pred.png")
+    if args.save_color:
+        with torch.no_grad(), torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            _, sel = model(x)  # (1, 1, h, w)   whole image at scale 1, whatever --mode
+        save_color(Path(args.save_color) / f"{name}_color.png", image, pred, sel, model.ratios)
+    return pred
+
+
+def own_images(model, args, device, amp_dtype):
+    """--images: predictions for the files given and the .png/.jpg/.jpeg files in the folders given (sorted).
+
+    Any size, RGB / greyscale / RGBA (converted to RGB). A file that cannot be read is named in one
+    line and skipped; the others are still written, and the run then ends with an error.
+    """
+    paths = [f for p in map(Path, args.images) for f in
+             (sorted(f for f in p.iterdir() if f.suffix.lower() in (".png", ".jpg", ".jpeg")) if p.is_dir() else [p])]
+    if not paths:
+        raise DataError(f"no .png/.jpg/.jpeg images in {' '.join(args.images)}")
+    failed, t0 = [], time.time()
+    for i, path in enumerate(paths):
+        try:
+            image = read_image(path, "RGB").permute(2, 0, 1)  # (3, H, W) uint8
+        except DataError as e:
+            print(f"skipped: {e}")
+            failed.append(path)
+            continue
+        infer(model, image.to(device), path.stem, args, amp_dtype)
+        if (i + 1) % args.log_every == 0 or i + 1 == len(paths):
+            print(f"{i + 1}/{len(paths)} images | {(i + 1 - len(failed)) / (time.time() - t0):.2f} img/s")
+    if failed:
+        raise DataError(f"{len(failed)} of {len(paths)} images could not be read (named above); the others were written")
+    return paths
+
 
 
 def main(args):
@@ -268,7 +297,7 @@ def main(args):
     args.amp, amp_dtype = resolve_amp(args.amp, device)
 
     if args.benchmark:
-        kwargs = load_model(args.ckpt)[1]["model"] if args.ckpt else dict(backbone=args.backbone)
+        kwargs = load_checkpoint(args.ckpt)["config"]["model"] if args.ckpt else dict(backbone=args.backbone)
         if device.type == "cpu" and args.size == [1024, 2048]:
             print("note: full Cityscapes size on a CPU is slow; pass e.g. --size 256 512")
         deeplab = lambda: torchvision.models.segmentation.deeplabv3_resnet101(  # noqa: E731
@@ -284,33 +313,29 @@ def main(args):
         return rows
 
     model, config = load_model(args.ckpt)
+    if config["model"].get("num_classes", 19) != len(CLASSES):
+        raise DataError(f"{args.ckpt} holds a {config['model']['num_classes']}-class model; "
+                        f"Cityscapes evaluation needs {len(CLASSES)} classes")
     model.to(device)
+    for folder in filter(None, (args.save_pred, args.save_color)):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    if args.images:
+        return own_images(model, args, device, amp_dtype)
     data = args.data or config.get("data")
     if not data:
         raise DataError(f"{args.ckpt} stores no data path: pass --data /path/to/cityscapes")
-    dataset = Cityscapes(data, args.split, transform=normalize)
+    dataset = Cityscapes(data, args.split)
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=args.workers)
-    for folder in filter(None, (args.save_pred, args.save_color)):
-        Path(folder).mkdir(parents=True, exist_ok=True)
     print(f"{args.ckpt}: {len(dataset)} {args.split} images from {data} | mode {args.mode} | scales "
           f"{args.scales} | flip {args.flip} | amp {args.amp} | {device}")
 
     cm, hard = ConfusionMatrix(len(CLASSES)), HardRegions(args.trimap, args.bf_tol, len(CLASSES))
     t0 = time.time()
     for i, (image, target) in enumerate(loader):
-        image, target = image[None].to(device), target.to(device)  # (1, 3, H, W), (H, W)
-        probs = predict(model, image, mode=args.mode, crop=args.crop, stride=args.stride, scales=args.scales,
-                        flip=args.flip, amp_dtype=amp_dtype)  # (1, N, H, W)
-        pred = probs.argmax(1)[0]  # (H, W) trainIds
+        target = target.to(device).long()  # (H, W)
+        pred = infer(model, image.to(device), dataset.images[i].name.replace("_leftImg8bit.png", ""), args, amp_dtype)
         cm.update(pred, target)
         hard.update(pred, target)
-        name = dataset.images[i].name.replace("_leftImg8bit.png", "")  # <city>_<seq>_<frame>
-        if args.save_pred:
-            Image.fromarray(to_label_ids(pred).byte().cpu().numpy()).save(Path(args.save_pred) / f"{name}_pred.png")
-        if args.save_color:
-            with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                _, sel = model(image)  # (1, 1, h, w)   whole image at scale 1, whatever --mode
-            save_color(Path(args.save_color) / f"{name}_color.png", image, pred, sel, model.ratios)
         if (i + 1) % args.log_every == 0 or i + 1 == len(dataset):
             print(f"{i + 1}/{len(dataset)} images | {(i + 1) / (time.time() - t0):.2f} img/s | mIoU so far "
                   f"{cm.compute()['miou'] * 100:.2f}")

@@ -3,8 +3,17 @@
 A single-file reference implementation of arXiv:2605.02764 (Pan, Chan, Li, Shen, 2026),
 meant to be read next to the paper. Sections follow the paper's order:
 
-    1. Model      (Sec. 3.1-3.5, Eq. (1)-(8))
-    2. Objective  (Sec. 3.6, Eq. (9)-(10))
+    1. Model       (Sec. 3.1-3.5, Eq. (1)-(8))
+    2. Objective   (Sec. 3.6, Eq. (9)-(10))
+    3. Data        (Sec. 4.1: Cityscapes, augmentation; a synthetic toy set)
+    4. Metric      (Cityscapes mIoU)
+    5. Checkpoints (and the mixed-precision choice both scripts share)
+
+"The published model code" below means the model and loss files once published under `fornet/`
+in github.com/henrychan0719/FoR-Net (the repository's current history holds only a README that
+announces the code). It builds the same layout as ours, with BatchNorm, and counts the same
+50.17 M parameters. Where the paper is silent we follow that code and say so; the one open point where
+we differ (the selector's target B) is marked at `boundary_map`.
 
 Shape legend, used in every trailing shape comment:
     B      batch size
@@ -13,15 +22,21 @@ Shape legend, used in every trailing shape comment:
     h, w   stride-8 feature grid, h = ceil(H/8), w = ceil(W/8)
     H4, W4 stride-4 grid of the low-level features F_low
     N      number of classes (19 on Cityscapes)
-    k      number of locations kept by Top-K in one image
+    V      number of labelled (valid) pixels in a batch
 """
 import math
+import os
 import re
+from pathlib import Path
 
+import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as TF  # `F` is the paper's feature map
 import torchvision
+import torchvision.transforms.v2.functional as TVF
+from PIL import Image
 
 IGNORE = 255  # Cityscapes convention: trainId 255 = ignore / void
 
@@ -56,10 +71,12 @@ def topk_mask(scores, ratio):
     """M = TopK(S), Eq. (2): a {0,1} mask with the highest-scoring locations of each image set.
 
     scores (B, 1, h, w) -> mask (B, 1, h, w), float32, exactly k = max(1, round(ratio·h·w)) ones
-    per image. Ranking is done in float32 with a stable sort, so ties (which half precision
-    creates) are broken by position, identically for every ratio: masks of the same scores
-    with growing ratios are nested (M_0.1 ⊂ M_0.2 ⊂ ...), as in the authors' code.
-    Not differentiable; FoRNet adds a straight-through gradient on top.
+    per image. FoRNet passes the selector logits φ(F), not S = σ(φ(F)): σ is increasing, so the
+    order is the same, but in float32 σ(x) rounds to exactly 1.0 for x ≳ 17 (and is coarse above
+    ~9), so ranking S would tie confident locations and pick them by position. Ranking is done in
+    float32 with a stable sort, so remaining ties are broken by position identically for every
+    ratio: masks of the same scores with growing ratios are nested (M_0.1 ⊂ M_0.2 ⊂ ...), as in
+    the published model code. Not differentiable; FoRNet adds a straight-through gradient on top.
     """
     assert scores.dim() == 4 and scores.shape[1] == 1, f"scores must be (B, 1, h, w), got {tuple(scores.shape)}"
     assert 0.0 < ratio <= 1.0, f"Top-K ratio must be in (0, 1], got {ratio}"
@@ -77,7 +94,7 @@ class Selector(nn.Module):
     F (B, C, h, w) -> φ(F) (B, 1, h, w), the selector *logits*, always float32.
     Paper is silent on the layout of φ ("a lightweight convolutional block followed by a 1×1
     projection"): we use 3×3 conv C -> C/2 + norm + ReLU, then a 1×1 conv to one channel,
-    as the authors' code does. The 1×1 projection runs in float32 even under autocast, so
+    as the published model code does. The 1×1 projection runs in float32 even under autocast, so
     that Top-K does not rank half-precision values full of ties.
     """
 
@@ -97,7 +114,7 @@ class GlobalContext(nn.Module):
 
     F (B, C, h, w) -> F_ctx (B, C, h, w).
     Paper is silent on ψ ("a projection layer"): a two-layer 1×1 bottleneck C -> C/4 -> C with
-    ReLU, as in the authors' code.
+    ReLU, as in the published model code.
     """
 
     def __init__(self, C, *, reduction=4):
@@ -114,7 +131,7 @@ class Decoder(nn.Module):
 
     F_agg (B, C, h, w), F_low (B, 256, H4, W4) -> logits (B, N, H4, W4).
     Paper is silent on the layout ("a lightweight decoder consisting of convolutional layers"):
-    DeepLabV3+-style, as in the authors' code: F_low projected to 48 channels, concatenated with
+    DeepLabV3+-style, as in the published model code: F_low projected to 48 channels, concatenated with
     F_agg upsampled to stride 4, two 3×3 conv blocks, a 1×1 classifier.
     """
 
@@ -141,23 +158,27 @@ class FoRNet(nn.Module):
     Arguments (keyword-only):
       num_classes  N, 19 for Cityscapes.
       backbone     "resnet101" (the paper) or "resnet50" (small/CPU runs).
-      norm         "gn" (the paper: every BatchNorm replaced by GroupNorm(32)) or "bn".
+      norm         "gn" (the paper: every BatchNorm replaced by GroupNorm; the group count is
+                   ours, see `norm_layer`) or "bn".
                    Deviation (opt-in): "bn" keeps BatchNorm, for fine-tuning from BN weights.
       pretrained   None (default; nothing is downloaded), "imagenet" (torchvision's weights
-                   API) or a local path to a .pth state dict. See `load_backbone`: BN-trained
-                   ImageNet weights transfer poorly into GroupNorm; to reproduce the paper,
-                   start from GN-pretrained weights (Detectron's R-101-GN, converted by
-                   OpenMMLab as `resnet101_gn`) given as a local path.
-      channels     C, width of F. Paper is silent; 256 as in the authors' code.
+                   API, what train.py uses by default) or a local path to a .pth state dict.
+                   See `load_backbone`: BN-trained ImageNet weights load into GroupNorm only in
+                   part; GN-pretrained weights (Detectron's R-101-GN, converted by OpenMMLab as
+                   `resnet101_gn`) can be given as a local path.
+      channels     C, width of F. Paper is silent; 256 as in the published model code.
       ratios       Top-K ratio of each branch, Eq. (6). Paper is silent; (0.1, 0.2, 0.3, 0.4)
-                   as in the authors' code (nested masks, see `topk_mask`).
+                   as in the published model code (nested masks, see `topk_mask`). A ratio of 1
+                   keeps every location: (1, 1, 1, 1) switches selection off.
       dilation     dilation of the 7×7 branch; 16 is the paper's best (Sec. 4.5, Table 2:
                    1 = "no dilation", 2, 4, 8, 16).
       straight_through  Paper is silent on whether the segmentation loss reaches the selector
-                   through the hard mask. True (default, as the authors' code): the forward
-                   pass uses exactly M, the backward pass treats M as if it were S
+                   through the hard mask. True (default, as the published model code): the
+                   forward pass uses exactly M, the backward pass treats M as if it were S
                    (M + S - sg(S)), so L_CE and L_Dice train φ together with L_sel.
-                   False: M is a constant and only L_sel trains φ.
+                   False: M is a constant and only L_sel trains φ. A branch with ratio 1 has
+                   the constant mask 1 either way (nothing is selected, so there is no choice
+                   for a gradient to correct).
     """
 
     def __init__(self, *, num_classes=19, backbone="resnet101", norm="gn", pretrained=None, channels=256,
@@ -195,8 +216,8 @@ class FoRNet(nn.Module):
         F_ctx = self.context(F)  # Eq. (4)-(5)
         F_agg = F
         for ratio, C_i in zip(self.ratios, self.branches):
-            M_i = topk_mask(S, ratio)  # Eq. (2): M_i = TopK(S)
-            if self.straight_through:
+            M_i = topk_mask(sel, ratio)  # Eq. (2): M_i = TopK(S), ranked on φ(F) (same order, no float32 ties)
+            if self.straight_through and ratio < 1:
                 M_i = M_i + (S - S.detach())  # value exactly M_i, gradient as if M_i were S
             F_i = C_i(F_ctx * M_i.to(F_ctx.dtype))  # Eq. (3), (6): F_i = C_i(F_ctx ⊙ M_i)
             F_agg = F_agg + F_i  # Eq. (7): F_agg = F + Σ_i F_i
@@ -213,26 +234,31 @@ def load_backbone(resnet, pretrained, arch):
     pretrained = a path: a .pth holding a state dict, bare or under "state_dict"/"model", with
       torchvision names or OpenMMLab/Detectron names (`gn1` for `bn1`, prefix `backbone.`).
 
-    BN weights into GN: conv weights load unchanged; a BN layer's affine scale/shift load into
-    the GN layer's, and its running statistics are dropped, since GN has none. The features
-    the network was trained on are thereby changed (GN normalises over channel groups per
-    image, BN over the batch with frozen statistics), which is why BN ImageNet weights are
-    known to transfer poorly to GN: to reproduce the paper use a GN-pretrained checkpoint
-    (e.g. OpenMMLab's `resnet101_gn`, converted from Detectron), or `norm="bn"`.
-    Raises ValueError when the file matches nothing of the backbone.
+    BN weights into GN (what the paper's set-up implies, and what the published model code does
+    by default with `ResNet101_Weights`): conv weights load unchanged, a BN layer's affine
+    scale/shift load into the GN layer's, and its running statistics are dropped, since GN has
+    none. GN normalises over channel groups of each image where BN used frozen batch
+    statistics, so the loaded network is not the one ImageNet trained: fine-tuning starts from
+    perturbed features. GN-pretrained weights avoid this (e.g. OpenMMLab's `resnet101_gn`,
+    converted from Detectron), as does `norm="bn"`.
+    Raises DataError when the weights cannot be downloaded or read, or match nothing.
     """
     if pretrained == "imagenet":
         weights = getattr(torchvision.models, {"resnet50": "ResNet50_Weights", "resnet101": "ResNet101_Weights"}[arch])
-        state = weights.IMAGENET1K_V2.get_state_dict(progress=True)
+        try:
+            state = weights.IMAGENET1K_V2.get_state_dict(progress=True)
+        except (OSError, RuntimeError) as e:  # offline or unreachable (URLError is an OSError), corrupt download
+            raise DataError(f"could not download the ImageNet weights of {arch} ({e}): pass --pretrained none to "
+                            "train from scratch, or --pretrained PATH to a local .pth") from None
     else:
         try:
             state = torch.load(pretrained, map_location="cpu", weights_only=True)
         except Exception as e:  # missing file, not a torch file, pickled objects
-            raise ValueError(f"cannot read pretrained weights {pretrained!r}: {e}") from None
+            raise DataError(f"cannot read pretrained weights {pretrained!r}: {e}") from None
         for key in ("state_dict", "model"):
             state = state.get(key, state) if isinstance(state, dict) else state
     if not isinstance(state, dict):
-        raise ValueError(f"{pretrained!r} does not hold a state dict")
+        raise DataError(f"{pretrained!r} does not hold a state dict")
     own = resnet.state_dict()
     renamed = {}
     for name, tensor in state.items():
@@ -241,13 +267,13 @@ def load_backbone(resnet, pretrained, arch):
         if name in own and own[name].shape == tensor.shape:
             renamed[name] = tensor
     if not renamed:
-        raise ValueError(f"pretrained weights {pretrained!r} match no parameter of {arch}")
+        raise DataError(f"pretrained weights {pretrained!r} match no parameter of {arch}")
     missing = [n for n in own if n not in renamed]
     resnet.load_state_dict(renamed, strict=False)
     print(f"backbone: loaded {len(renamed)}/{len(own)} tensors from {pretrained}"
           + (f"; not found: {missing[:3]}{' ...' if len(missing) > 3 else ''}" if missing else ""))
     if any(isinstance(m, nn.GroupNorm) for m in resnet.modules()) and any(n.endswith("running_mean") for n in state):
-        print("backbone: warning: BatchNorm-trained weights loaded into GroupNorm; they transfer poorly "
+        print("backbone: note: BatchNorm-trained weights loaded into GroupNorm, running statistics dropped "
               "(see README, 'Pretrained weights')")
 
 
@@ -277,13 +303,41 @@ def boundary_map(target, size, *, ignore_index=IGNORE):
     return B_map, TF.adaptive_max_pool2d(valid.float(), size)  # (B, 1, h, w) each
 
 
+def all_ranks_sum(x):
+    """x summed over all processes when torch.distributed is initialised (else x), differentiably.
+
+    The backward pass sums the gradients over the ranks too: every rank's loss is a function of
+    every rank's sums. DDP then averages the parameter gradients over the w ranks, which cancels
+    the w copies of the loss: the result is the gradient of the one loss over the global batch.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return x
+    return _AllRanksSum.apply(x)
+
+
+class _AllRanksSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
 class FoRNetLoss(nn.Module):
     """L = L_CE + λ1·L_Dice + λ2·L_sel. Paper: Sec. 3.6, Eq. (9)-(10).
 
-    loss_fn(logits (B, N, H, W), sel (B, 1, h, w), target (B, H, W)) -> (total, parts),
-    parts = {"ce", "dice", "sel"} (detached, for logging). Every term is computed in float32 and
-    averages over labelled pixels/cells only; a batch with no labelled pixel gives 0.
-    Paper is silent on λ1, λ2: 1.0 and 0.5, as in the authors' code.
+    loss_fn(logits (B, N, H, W), sel (B, 1, h, w), target (B, H, W) trainIds) -> (total, parts),
+    parts = {"ce", "dice", "sel"} (detached, for logging). Each term is a ratio of sums over the
+    labelled pixels (cells for L_sel), in float32; a batch with no labelled pixel gives 0. Under
+    torch.distributed the sums are added over all ranks before any ratio is taken
+    (`all_ranks_sum`), so w GPUs × b images optimise exactly what 1 GPU × w·b images does.
+    Paper is silent on λ1, λ2: 1.0 and 0.5, as in the published model code.
     """
 
     def __init__(self, *, num_classes=19, lambda_dice=1.0, lambda_sel=0.5, ignore_index=IGNORE):
@@ -294,26 +348,37 @@ class FoRNetLoss(nn.Module):
     def forward(self, logits, sel, target):
         assert logits.shape[0] == target.shape[0] and logits.shape[-2:] == target.shape[-2:], \
             f"logits {tuple(logits.shape)} and target {tuple(target.shape)} disagree"
-        logits, sel = logits.float(), sel.float()
+        N = self.num_classes
+        logits, sel, target = logits.float(), sel.float(), target.long()
         valid = target != self.ignore_index  # (B, H, W)
-        n_valid = valid.sum().clamp(min=1)
+        t = target[valid]  # (V,) labels of the labelled pixels
+        log_P = logits.log_softmax(1)  # (B, N, H, W) log class probabilities
+        index = target.masked_fill(~valid, 0).unsqueeze(1)  # (B, 1, H, W) the label (any class where ignored)
+        log_P_t = log_P.gather(1, index).squeeze(1)[valid]  # (V,) log-probability of the true class
 
-        # L_CE: mean over labelled pixels (sum / count, so an all-ignore batch gives 0, not NaN).
-        L_ce = TF.cross_entropy(logits, target, ignore_index=self.ignore_index, reduction="sum") / n_valid
+        # L_CE: Σ -log P_t over labelled pixels / their count (an all-ignore batch gives 0, not NaN).
+        ce_sum = -log_P_t.sum()
 
-        # L_Dice: soft Dice per class over the batch's labelled pixels, 1 - Dice averaged over
-        # the classes present in the target. Paper is silent on the variant; smoothing 1.
-        P = logits.softmax(dim=1) * valid.unsqueeze(1)  # (B, N, H, W)
-        T = TF.one_hot(target.masked_fill(~valid, 0), self.num_classes).permute(0, 3, 1, 2) * valid.unsqueeze(1)  # (B, N, H, W)
-        inter, p_sum, t_sum = (P * T).sum((0, 2, 3)), P.sum((0, 2, 3)), T.sum((0, 2, 3))  # (N,) each
-        dice = (2 * inter + 1) / (p_sum + t_sum + 1)  # (N,)
-        present = (t_sum > 0).float()  # (N,)
-        L_dice = ((1 - dice) * present).sum() / present.sum().clamp(min=1)
+        # L_Dice: soft Dice per class over the batch's labelled pixels, Dice_c =
+        # (2·Σ P_c·T_c + 1) / (Σ P_c + Σ T_c + 1) with T the one-hot target, never built: Σ P_c·T_c
+        # adds up P_t per label, Σ T_c counts labels. Paper is silent on the variant; smoothing 1,
+        # 1 - Dice averaged over the classes present in the target, as in the published model code.
+        inter = torch.zeros(N, device=logits.device).index_add(0, t, log_P_t.exp())  # (N,) Σ P_c·T_c
+        p_sum = torch.einsum("bnhw,bhw->n", log_P.exp(), valid.float())  # (N,) Σ P_c over labelled pixels
+        t_sum = torch.bincount(t, minlength=N).float()  # (N,) Σ T_c
 
         # Eq. (9): L_sel = BCE(S, B), on logits (numerically safe under AMP), labelled cells only.
         B_map, cell_valid = boundary_map(target, sel.shape[-2:], ignore_index=self.ignore_index)  # (B, 1, h, w) each
-        bce = TF.binary_cross_entropy_with_logits(sel, B_map, reduction="none")  # (B, 1, h, w)
-        L_sel = (bce * cell_valid).sum() / cell_valid.sum().clamp(min=1)
+        sel_sum = (TF.binary_cross_entropy_with_logits(sel, B_map, reduction="none") * cell_valid).sum()
+
+        counts = torch.stack([ce_sum, valid.sum().float(), sel_sum, cell_valid.sum()])  # (4,)
+        sums = all_ranks_sum(torch.cat([counts, inter, p_sum, t_sum]))  # (4 + 3N,) over the global batch
+        (ce_sum, n_valid, sel_sum, n_cells), (inter, p_sum, t_sum) = sums[:4], sums[4:].view(3, N)
+        L_ce = ce_sum / n_valid.clamp(min=1)
+        dice = (2 * inter + 1) / (p_sum + t_sum + 1)  # (N,)
+        present = (t_sum > 0).float()  # (N,)
+        L_dice = ((1 - dice) * present).sum() / present.sum().clamp(min=1)
+        L_sel = sel_sum / n_cells.clamp(min=1)
 
         total = L_ce + self.lambda_dice * L_dice + self.lambda_sel * L_sel  # Eq. (10)
         return total, {"ce": L_ce.detach(), "dice": L_dice.detach(), "sel": L_sel.detach()}
@@ -341,33 +406,35 @@ ID_LUT[list(TRAIN_ID_TO_ID)] = torch.arange(19)
 TRAIN_ID_LUT = torch.full((256,), -1, dtype=torch.long)
 TRAIN_ID_LUT[:19] = torch.arange(19)
 TRAIN_ID_LUT[IGNORE] = IGNORE
+LABEL_ID_LUT = torch.zeros(256, dtype=torch.long)  # trainId -> labelId; 255 (and anything else) -> 0 "unlabeled"
+LABEL_ID_LUT[:19] = torch.tensor(TRAIN_ID_TO_ID)
 MEAN, STD = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])  # ImageNet, RGB
 
 
 class DataError(Exception):
-    """A user's file that cannot be used: data set (missing, unpaired, corrupt, mislabelled) or checkpoint."""
+    """A user's input that cannot be used: data set (missing, unpaired, corrupt, mislabelled), image,
+    weights, checkpoint or flag. The scripts print its message as one line and exit non-zero."""
 
 
 def to_train_ids(label_ids):
-    """Official labelIds (0..33) -> trainIds (0..18, 255 = ignore). Tensor in, int64 tensor out."""
-    return ID_LUT[label_ids.long()]
+    """Official labelIds (0..33) -> trainIds (0..18, 255 = ignore); -1 for a value that is no id.
+    A tensor or a NumPy array in, the same kind out (int64)."""
+    return ID_LUT.numpy()[label_ids] if isinstance(label_ids, np.ndarray) else ID_LUT[label_ids.long()]
 
 
 def to_label_ids(train_ids):
-    """trainIds (0..18; 255 -> 0 'unlabeled') -> official labelIds, int64: what the benchmark reads."""
-    lut = torch.zeros(256, dtype=torch.long)
-    lut[:19] = torch.tensor(TRAIN_ID_TO_ID)
-    return lut[train_ids.long()]
+    """trainIds (0..18; 255 -> 0 'unlabeled') -> official labelIds: what the benchmark reads.
+    A tensor or a NumPy array in, the same kind out (int64)."""
+    return LABEL_ID_LUT.numpy()[train_ids] if isinstance(train_ids, np.ndarray) else LABEL_ID_LUT[train_ids.long()]
 
 
-def read_png(path):
-    """A PNG as a uint8 tensor, (H, W, 3) or (H, W); DataError naming the file if it is unreadable."""
-    from PIL import Image
-    import numpy as np
+def read_image(path, mode=None):
+    """An image file as a uint8 tensor, (H, W, 3) or (H, W), converted to the PIL `mode` (e.g. "RGB")
+    if one is given; DataError naming the file if it cannot be read as an image."""
     try:
         with Image.open(path) as im:
-            return torch.from_numpy(np.array(im))
-    except (OSError, ValueError) as e:  # missing, truncated, not an image
+            return torch.from_numpy(np.array(im if mode is None else im.convert(mode)))
+    except (OSError, ValueError) as e:  # missing, a folder, truncated, not an image
         raise DataError(f"cannot read {path}: {e}") from None
 
 
@@ -377,12 +444,12 @@ class Cityscapes(torch.utils.data.Dataset):
     root/leftImg8bit/{split}/{city}/*_leftImg8bit.png paired with
     root/gtFine/{split}/{city}/*_gtFine_labelTrainIds.png when present (cityscapesScripts'
     createTrainIdLabelImgs), else *_gtFine_labelIds.png mapped with `to_train_ids`.
-    ds[i] -> transform(image (3, H, W) float32 in [0, 1], target (H, W) int64 trainIds),
-    at full resolution when transform is None. Pairs are sorted by image path.
+    ds[i] -> transform(image (3, H, W) uint8 RGB, target (H, W) uint8 trainIds), at full
+    resolution when transform is None. Pairs are sorted by image path. Images stay uint8 (a
+    quarter of float32) until `normalize` runs on the device.
     """
 
     def __init__(self, root, split="train", transform=None):
-        from pathlib import Path
         image_dir = Path(root) / "leftImg8bit" / split
         if not image_dir.is_dir():
             raise DataError(f"{image_dir} not found: expected the Cityscapes layout root/leftImg8bit/{split}/<city>/")
@@ -403,8 +470,8 @@ class Cityscapes(torch.utils.data.Dataset):
         return len(self.images)
 
     def __getitem__(self, i):
-        image = read_png(self.images[i])  # (H, W, 3) uint8
-        label = read_png(self.labels[i])  # (H, W) uint8
+        image = read_image(self.images[i])  # (H, W, 3) uint8
+        label = read_image(self.labels[i])  # (H, W) uint8
         if image.dim() != 3 or image.shape[2] != 3 or label.shape != image.shape[:2]:
             raise DataError(f"{self.images[i]} {tuple(image.shape)} and {self.labels[i]} {tuple(label.shape)} disagree")
         lut = TRAIN_ID_LUT if self.labels[i].name.endswith("labelTrainIds.png") else ID_LUT
@@ -412,21 +479,26 @@ class Cityscapes(torch.utils.data.Dataset):
         if (target < 0).any():
             bad = label[target < 0].unique().tolist()
             raise DataError(f"{self.labels[i]} holds value(s) {bad}, not Cityscapes {'train' if lut is TRAIN_ID_LUT else ''}ids")
-        image = image.permute(2, 0, 1).float() / 255  # (3, H, W)
+        image, target = image.permute(2, 0, 1), target.byte()  # (3, H, W), (H, W)
         return (image, target) if self.transform is None else self.transform(image, target)
 
 
-def normalize(image, target):
-    """Validation transform (Sec. 4.1): full image, ImageNet normalisation only."""
-    return (image - MEAN[:, None, None]) / STD[:, None, None], target
+def normalize(image):
+    """The network's input: uint8 RGB (..., 3, H, W) -> float32 with ImageNet mean/std, on the image's device."""
+    mean, std = MEAN.to(image.device)[:, None, None], STD.to(image.device)[:, None, None]
+    return (image.float() / 255 - mean) / std if image.dtype == torch.uint8 else (image - mean) / std
 
 
 class TrainTransform:
-    """Training augmentation (Sec. 4.1): random scale, random crop, horizontal flip, normalisation.
+    """Training augmentation (Sec. 4.1): random scale s, random crop, horizontal flip.
 
-    (3, H, W), (H, W) -> (3, crop, crop), (crop, crop). The image is padded with the ImageNet
-    mean (0 after normalisation) and the target with 255 where the scaled image is smaller
-    than the crop. Paper is silent on the scale range: 0.5-2.0, the common practice.
+    image (3, H, W) uint8, target (H, W) -> (3, crop, crop), (crop, crop), dtypes kept.
+    The result equals scaling the whole image by s and cutting a random crop×crop window, but
+    only the window's source region, (crop/s)² pixels, is cut first and resized (image bilinear,
+    antialiased when shrinking; label nearest-exact, so labels are never blended): the cost no
+    longer grows with s². Where the scaled image is smaller than the crop it is padded, the
+    image with the ImageNet mean (≈ 0 after `normalize`), the target with 255.
+    Paper is silent on the scale range: 0.5-2.0, the common practice.
     """
 
     def __init__(self, crop=768, scale=(0.5, 2.0)):
@@ -434,20 +506,20 @@ class TrainTransform:
 
     def __call__(self, image, target):
         s = torch.empty(()).uniform_(*self.scale).item()
-        H, W = round(image.shape[1] * s), round(image.shape[2] * s)
-        image = TF.interpolate(image[None], size=(H, W), mode="bilinear", align_corners=False, antialias=s < 1)[0]  # (3, H', W')
-        target = TF.interpolate(target[None, None].float(), size=(H, W), mode="nearest-exact")[0, 0].long()  # (H', W')
-        image, target = normalize(image, target)
-        pad_h, pad_w = max(self.crop - H, 0), max(self.crop - W, 0)
-        image = TF.pad(image, (0, pad_w, 0, pad_h), value=0.0)  # (3, H'', W'')
-        target = TF.pad(target, (0, pad_w, 0, pad_h), value=IGNORE)  # (H'', W'')
-        top = torch.randint(0, image.shape[1] - self.crop + 1, ()).item()
-        left = torch.randint(0, image.shape[2] - self.crop + 1, ()).item()
-        image = image[:, top:top + self.crop, left:left + self.crop]  # (3, crop, crop)
-        target = target[top:top + self.crop, left:left + self.crop]  # (crop, crop)
+        H, W = target.shape
+        h, w = min(H, round(self.crop / s)), min(W, round(self.crop / s))  # source window
+        top = torch.randint(0, H - h + 1, ()).item()
+        left = torch.randint(0, W - w + 1, ()).item()
+        size = [min(self.crop, round(h * s)), min(self.crop, round(w * s))]  # the window once scaled
+        image = TVF.resize(image[:, top:top + h, left:left + w], size, antialias=True)  # (3, h', w') bilinear
+        target = TVF.resize(target[None, top:top + h, left:left + w], size, TVF.InterpolationMode.NEAREST_EXACT)[0]  # (h', w')
+        fill = MEAN if image.is_floating_point() else (MEAN * 255).round()
+        out = fill.to(image.dtype)[:, None, None].repeat(1, self.crop, self.crop)  # (3, crop, crop)
+        out[:, :size[0], :size[1]] = image
+        target = TF.pad(target, (0, self.crop - size[1], 0, self.crop - size[0]), value=IGNORE)  # (crop, crop)
         if torch.rand(()) < 0.5:
-            image, target = image.flip(-1), target.flip(-1)
-        return image.contiguous(), target.contiguous()
+            out, target = out.flip(-1), target.flip(-1)
+        return out.contiguous(), target.contiguous()
 
 
 def make_toy_cityscapes(root, *, n_train=48, n_val=12, size=(128, 256), seed=0):
@@ -537,3 +609,65 @@ class ConfusionMatrix:
         tp = m.diag()  # (N,)
         iou = tp / (m.sum(0) + m.sum(1) - tp)  # (N,)   0/0 = NaN for classes that never occur
         return {"iou": iou, "miou": iou.nanmean().item(), "acc": (tp.sum() / m.sum().clamp(min=1)).item()}
+
+
+# ======================================================================================
+# 5. Checkpoints, and the mixed-precision choice both scripts share
+# ======================================================================================
+
+
+def resolve_amp(amp, device):
+    """--amp -> (name, autocast dtype or None).
+
+    "auto": bf16 on GPUs of compute capability ≥ 8.0 (Ampere and newer, where bf16 runs natively),
+    fp16 with loss scaling on older GPUs (V100, T4: `torch.cuda.is_bf16_supported()` says True
+    there too, counting emulation), off on a CPU. Paper is silent on mixed precision: our choice.
+    """
+    if amp == "auto":
+        amp = "off" if device.type != "cuda" else "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"
+    return amp, {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
+
+
+def save_checkpoint(checkpoint, path):
+    """torch.save, atomically: write a temporary file, then rename it, so that a kill at any moment
+    leaves the previous file intact."""
+    tmp = Path(f"{path}.tmp")
+    torch.save(checkpoint, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    """A train.py checkpoint as a dict, or DataError saying why it cannot be used.
+
+    Both kinds hold "model" (the state dict), "config" (train.py's flags, with config["model"] =
+    the FoRNet keyword arguments, and the data path) and "iter". last.pt is the full training
+    state for --resume (+ "optimizer", "scaler", "best_miou"); best.pt holds what inference
+    needs (+ "miou"), a third of last.pt's size since AdamW keeps two moments per weight.
+    """
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise DataError(f"checkpoint {path} not found") from None
+    except Exception as e:  # torch.load's own messages are long and suggest unsafe loading
+        raise DataError(f"cannot load checkpoint {path}: not a PyTorch checkpoint ({type(e).__name__})") from None
+    missing = [k for k in ("model", "config", "iter") if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise DataError(f"{path} is not a train.py checkpoint (missing {', '.join(missing)})")
+    if not isinstance(ckpt["config"], dict) or not isinstance(ckpt["config"].get("model"), dict):
+        raise DataError(f"{path} has no config['model'] (the FoRNet arguments): re-save it with the current train.py")
+    return ckpt
+
+
+def load_model(path):
+    """A trained FoR-Net from a checkpoint (best.pt or last.pt) -> (model in eval mode, config).
+
+        model, config = load_model("best.pt")
+        logits, sel = model(normalize(image)[None])  # image (3, H, W) uint8, e.g. read_image(p, "RGB").permute(2, 0, 1)
+    """
+    ckpt = load_checkpoint(path)
+    try:
+        model = FoRNet(**ckpt["config"]["model"])
+        model.load_state_dict(ckpt["model"])
+    except (TypeError, RuntimeError, ValueError, AssertionError) as e:
+        raise DataError(f"{path}: weights do not fit the model in its config: {str(e).splitlines()[0]}") from None
+    return model.eval(), ckpt["config"]

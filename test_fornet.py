@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from fornet import FoRNet, FoRNetLoss, boundary_map, load_backbone, topk_mask
+from fornet import DataError, FoRNet, FoRNetLoss, boundary_map, load_backbone, topk_mask
 
 torch.set_num_threads(2)
 
@@ -100,6 +100,30 @@ def test_topk_mask_edge_ratios_and_ties():
     assert (m1.flatten(1).sum(1) == 6).all() and (m1 <= m2).all()
 
 
+def test_topk_ranks_logits_where_sigmoid_saturates():
+    """Confident selector logits (≈ +40) make every S = σ(φ) exactly 1.0 in float32: the masks must still be
+    the top-k *logits*, not the first k positions that ranking the tied S would give."""
+    model = small_model().eval()
+    model.selector.register_forward_hook(lambda module, inputs, out: out + 40)
+    seen = []  # what each branch C_i receives: F_ctx ⊙ M_i
+    for branch in model.branches:
+        branch.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0]))
+    with torch.no_grad():
+        _, sel = model(torch.randn(2, 3, 64, 64))
+    assert (sel.sigmoid() == 1).all()
+    for ratio, x in zip(model.ratios, seen):
+        k = max(1, round(ratio * 64))
+        expected = torch.zeros(2, 64).scatter_(1, sel.flatten(1).double().topk(k).indices, 1.0)
+        assert torch.equal((x.abs().sum(1).flatten(1) > 0).float(), expected)  # F_ctx is nowhere exactly 0
+        assert not torch.equal(topk_mask(sel.sigmoid(), ratio).flatten(1), expected)  # ranking S: by position
+    off = small_model(ratios=(1, 1, 1, 1)).eval()
+    seen.clear()
+    off.branches[0].register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0]))
+    with torch.no_grad():
+        off(torch.randn(1, 3, 32, 32))
+    assert (seen[0].abs().sum(1) > 0).all()  # ratio 1: every location reaches the branch
+
+
 def test_topk_mask_per_image_independence():
     torch.manual_seed(1)
     a, b = torch.rand(1, 1, 6, 6), torch.rand(1, 1, 6, 6)
@@ -132,6 +156,8 @@ def test_gradient_path_to_selector():
     hard = small_model(straight_through=False)
     assert selector_grad(hard, "seg", x, target) == 0
     assert selector_grad(hard, "sel", x, target) > 0
+    off = small_model(ratios=(1, 1, 1, 1))  # Top-K off: constant all-ones masks, nothing for a gradient to correct
+    assert selector_grad(off, "seg", x, target) == 0 and selector_grad(off, "sel", x, target) > 0
     # the forward value is the hard mask either way
     with torch.no_grad():
         torch.testing.assert_close(ste.eval()(x)[0], hard.eval()(x)[0])
@@ -154,6 +180,31 @@ def test_boundary_map_on_hand_made_labels():
     empty = torch.full((1, 16, 16), 255)
     B_e, v_e = boundary_map(empty, (2, 2))
     assert B_e.sum() == 0 and v_e.sum() == 0
+
+
+def test_loss_equals_the_direct_one_hot_formula():
+    """L_CE + λ1·L_Dice + λ2·L_sel against a plain transcription with a one-hot target (what the sums replace)."""
+    torch.manual_seed(0)
+    for _ in range(3):
+        logits = (torch.randn(3, 5, 40, 48) * 4).requires_grad_()
+        sel = torch.randn(3, 1, 5, 6, requires_grad=True)
+        target = torch.randint(0, 4, (3, 40, 48))  # class 4 never occurs: not in the Dice mean
+        target[0, :10] = 255
+        valid = target != 255
+        ce = nn.functional.cross_entropy(logits, target, ignore_index=255)
+        P = logits.softmax(1) * valid[:, None]
+        T = nn.functional.one_hot(target.masked_fill(~valid, 0), 5).permute(0, 3, 1, 2) * valid[:, None]
+        dice = (2 * (P * T).sum((0, 2, 3)) + 1) / (P.sum((0, 2, 3)) + T.sum((0, 2, 3)) + 1)
+        dice_loss = (1 - dice)[:4].mean()
+        B_map, cells = boundary_map(target, (5, 6))
+        sel_loss = (nn.functional.binary_cross_entropy_with_logits(sel, B_map, reduction="none") * cells).sum() / cells.sum()
+        total, parts = FoRNetLoss(num_classes=5, lambda_dice=0.7, lambda_sel=0.3)(logits, sel, target.byte())
+        for got, want in zip((total, *parts.values()), (ce + 0.7 * dice_loss + 0.3 * sel_loss, ce, dice_loss, sel_loss)):
+            torch.testing.assert_close(got, want.detach() if got.grad_fn is None else want, rtol=1e-6, atol=1e-6)
+        grads = torch.autograd.grad(total, (logits, sel))
+        want = torch.autograd.grad(ce + 0.7 * dice_loss + 0.3 * sel_loss, (logits, sel))
+        for g, w in zip(grads, want):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-8)
 
 
 def test_loss_ignores_ignored_pixels():
@@ -226,9 +277,9 @@ def test_load_backbone_from_local_path(tmp_path):
     gn = small_model(pretrained=str(tmp_path / "r50_bn.pth")).backbone.state_dict()
     assert torch.equal(gn["conv1.weight"], bn["conv1.weight"]) and torch.equal(gn["bn1.weight"], bn["bn1.weight"])
     torch.save({"something": torch.zeros(3)}, tmp_path / "junk.pth")
-    with pytest.raises(ValueError, match="match no parameter"):
+    with pytest.raises(DataError, match="match no parameter"):
         load_backbone(small_model().backbone, str(tmp_path / "junk.pth"), "resnet50")
-    with pytest.raises(ValueError, match="cannot read"):
+    with pytest.raises(DataError, match="cannot read"):
         load_backbone(small_model().backbone, str(tmp_path / "missing.pth"), "resnet50")
 
 
@@ -246,6 +297,9 @@ def test_load_backbone_imagenet_uses_torchvision_weights_api(monkeypatch):
 
 # ---------------------------------------------------------------- data
 
+import itertools
+import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -253,9 +307,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+import evaluate
 import train
-from fornet import (CLASSES, ID_LUT, PALETTE, Cityscapes, ConfusionMatrix, DataError, TrainTransform, make_toy_cityscapes,
-                    to_label_ids, to_train_ids)
+from fornet import (CLASSES, ID_LUT, MEAN, PALETTE, STD, Cityscapes, ConfusionMatrix, TrainTransform, load_checkpoint,
+                    load_model, make_toy_cityscapes, normalize, read_image, resolve_amp, save_checkpoint, to_label_ids,
+                    to_train_ids)
 
 REPO = Path(__file__).parent
 
@@ -282,11 +338,16 @@ def test_loader_pairs_and_maps(toy):
     for image_path, label_path in zip(ds.images, ds.labels):
         assert label_path.name == image_path.name.replace("leftImg8bit", "gtFine_labelIds")
         assert label_path.parent.name == image_path.parent.name
-    image, target = ds[0]
-    assert image.shape == (3, 64, 128) and image.dtype == torch.float32 and 0 <= image.min() and image.max() <= 1
-    assert target.shape == (64, 128) and target.dtype == torch.int64
-    raw = torch.from_numpy(np.array(Image.open(ds.labels[0])))
-    assert torch.equal(target, to_train_ids(raw))
+    image, target = ds[0]  # uint8 both: a quarter of float32 through the loader; `normalize` runs on the device
+    assert image.shape == (3, 64, 128) and image.dtype == torch.uint8
+    assert torch.equal(image, torch.from_numpy(np.array(Image.open(ds.images[0]))).permute(2, 0, 1))
+    assert target.shape == (64, 128) and target.dtype == torch.uint8
+    raw = np.array(Image.open(ds.labels[0]))
+    assert torch.equal(target.long(), to_train_ids(torch.from_numpy(raw)))
+    assert isinstance(to_train_ids(raw), np.ndarray) and np.array_equal(to_train_ids(raw), target.numpy())  # NumPy in, out
+    assert np.array_equal(to_train_ids(to_label_ids(target.numpy())), target.numpy())
+    x = normalize(image)
+    assert x.dtype == torch.float32 and torch.allclose(x[:, 0, 0], (image[:, 0, 0] / 255 - MEAN) / STD)
     assert (target[:3] == 255).all()  # the toy's "out of roi" strip (id 3) is ignored
 
 
@@ -296,10 +357,10 @@ def test_loader_prefers_label_train_ids(toy, tmp_path):
     ds = Cityscapes(tmp_path / "cs", "val")
     train_ids = ds[0][1]
     twin = Path(str(ds.labels[0]).replace("labelIds", "labelTrainIds"))
-    Image.fromarray(torch.where(train_ids == 255, 255, 18 - train_ids.clamp(max=18)).byte().numpy()).save(twin)
+    Image.fromarray(torch.where(train_ids == 255, 255, 18 - train_ids.long().clamp(max=18)).byte().numpy()).save(twin)
     ds = Cityscapes(tmp_path / "cs", "val")
     assert ds.labels[0] == twin
-    assert torch.equal(ds[0][1], torch.where(train_ids == 255, 255, 18 - train_ids.clamp(max=18)))
+    assert torch.equal(ds[0][1].long(), torch.where(train_ids == 255, 255, 18 - train_ids.long().clamp(max=18)))
 
 
 def test_transform_keeps_image_and_label_aligned():
@@ -311,6 +372,7 @@ def test_transform_keeps_image_and_label_aligned():
     for _ in range(20):
         x, t = transform(image, target)
         assert x.shape == (3, 64, 64) and t.shape == (64, 64)
+        x = normalize(x)  # the transform ships un-normalised pixels; the device normalises
         decoded = (x[0] * 0.229 + 0.485) * 255 / 10  # undo the normalisation: the label again
         valid = t != 255
         t_max, t_min = nn.functional.max_pool2d(t[None].float(), 5, 1, 2)[0], -nn.functional.max_pool2d(-t[None].float(), 5, 1, 2)[0]
@@ -324,10 +386,39 @@ def test_transform_keeps_image_and_label_aligned():
 
 
 def test_transform_pads_with_ignore():
-    image, target = torch.rand(3, 40, 50), torch.zeros(40, 50, dtype=torch.long)
+    image, target = torch.randint(0, 256, (3, 40, 50), dtype=torch.uint8), torch.zeros(40, 50, dtype=torch.uint8)
     x, t = TrainTransform(crop=64, scale=(1, 1))(image, target)
-    assert x.shape == (3, 64, 64) and (t == 255).sum() == 64 * 64 - 40 * 50
-    assert (x[:, t == 255] == 0).all()  # padded with the mean, 0 after normalisation
+    assert x.shape == (3, 64, 64) and x.dtype == torch.uint8 and t.dtype == torch.uint8
+    assert (t == 255).sum() == 64 * 64 - 40 * 50
+    placed = x[:, :40, :50] if (t[:40, :50] != 255).all() else x[:, :40, -50:].flip(-1)  # unflipped or flipped
+    assert torch.equal(placed, image)
+    assert normalize(x)[:, t == 255].abs().max() < 0.01  # padded with the ImageNet mean in uint8: ≈ 0 once normalised
+
+
+def resize_then_crop(image, target, crop, scale):
+    """The augmentation as it was before crop-first: the whole image scaled, then padded and cropped."""
+    s = torch.empty(()).uniform_(*scale).item()
+    H, W = round(image.shape[1] * s), round(image.shape[2] * s)
+    image = nn.functional.interpolate(image[None], size=(H, W), mode="bilinear", align_corners=False, antialias=s < 1)[0]
+    target = nn.functional.interpolate(target[None, None].float(), size=(H, W), mode="nearest-exact")[0, 0].long()
+    image = nn.functional.pad(image, (0, max(crop - W, 0), 0, max(crop - H, 0)), value=0.0)
+    target = nn.functional.pad(target, (0, max(crop - W, 0), 0, max(crop - H, 0)), value=255)
+    top = torch.randint(0, image.shape[1] - crop + 1, ()).item()
+    left = torch.randint(0, image.shape[2] - crop + 1, ()).item()
+    image, target = image[:, top:top + crop, left:left + crop], target[top:top + crop, left:left + crop]
+    return (image.flip(-1), target.flip(-1)) if torch.rand(()) < 0.5 else (image, target)
+
+
+def test_crop_first_equals_resize_then_crop_at_scale_one():
+    """At scale 1 both are exact, so with the same random draws they must cut the very same window."""
+    image = torch.randint(0, 256, (3, 90, 130), dtype=torch.uint8)
+    target = torch.randint(0, 19, (90, 130), dtype=torch.uint8)
+    for seed in range(10):
+        torch.manual_seed(seed)
+        x, t = TrainTransform(crop=64, scale=(1, 1))(image, target)
+        torch.manual_seed(seed)
+        x_ref, t_ref = resize_then_crop(image.float(), target, 64, (1, 1))
+        assert torch.equal(x.float(), x_ref) and torch.equal(t.long(), t_ref)
 
 
 def test_confusion_matrix_small_example():
@@ -347,7 +438,8 @@ def run_train(*flags, env=None):
                           cwd=REPO, timeout=240, env=env)
 
 
-TINY = ["--backbone", "resnet50", "--channels", "16", "--crop", "64", "--batch-size", "2", "--lr", "1e-3", "--workers", "0"]
+TINY = ["--backbone", "resnet50", "--channels", "16", "--crop", "64", "--batch-size", "2", "--lr", "1e-3", "--pretrained", "none",
+        "--workers", "0"]
 
 
 def losses(log):
@@ -360,52 +452,205 @@ def test_short_training_run_lowers_loss_and_checkpoints(toy, tmp_path, capsys):
     curve = losses(log)
     assert len(curve) == 12 and np.mean(curve[-3:]) < np.mean(curve[:3]), curve
     assert "val 12/12 | mIoU" in log
-    ckpt = train.load_checkpoint(tmp_path / "last.pt")
-    assert ckpt["iter"] == 12 and ckpt["config"]["data"] == str(Path(toy).resolve())
-    model = FoRNet(**ckpt["config"]["model"])
-    model.load_state_dict(ckpt["model"])
-    assert (tmp_path / "best.pt").exists() and not list(tmp_path.glob("*.tmp"))
+    last, best = load_checkpoint(tmp_path / "last.pt"), load_checkpoint(tmp_path / "best.pt")
+    assert last["iter"] == 12 and last["config"]["data"] == str(Path(toy).resolve()) and "optimizer" in last
+    assert set(best) == {"model", "config", "iter", "miou"}  # what inference needs, nothing more
+    assert (tmp_path / "best.pt").stat().st_size <= 0.45 * (tmp_path / "last.pt").stat().st_size
+    model, config = load_model(tmp_path / "best.pt")
+    assert config["model"] == last["config"]["model"] and not model.training
+    assert all(torch.equal(v, last["model"][k]) for k, v in model.state_dict().items())  # best = the final model here
+    assert not list(tmp_path.glob("*.tmp"))
 
 
-def test_resume_continues_iteration_and_lr(toy, tmp_path, capsys, monkeypatch):
-    flags = ["--data", str(toy), "--out", str(tmp_path), "--iters", "8", "--save-every", "4", "--log-every", "1", *TINY]
+def test_stream_is_a_function_of_seed_epoch_and_position(tmp_path):
+    full = list(itertools.islice(train.Stream(10, 4, seed=3), 40))  # 2 iterations of 4 per epoch: 5 epochs
+    epochs = [[i for i, _ in full[e * 8:(e + 1) * 8]] for e in range(5)]
+    assert all(len(set(e)) == 8 for e in epochs) and len({tuple(e) for e in epochs}) == 5  # reshuffled every epoch
+    assert list(itertools.islice(train.Stream(10, 4, seed=3, start=3), 28)) == full[12:]  # resumed at iteration 3
+    assert list(itertools.islice(train.Stream(10, 4, seed=4), 40)) != full
+    ranks = [list(itertools.islice(train.Stream(10, 4, seed=3, rank=r, world=2), 20)) for r in (0, 1)]
+    for j in range(10):  # iteration j: the two ranks' images together are the one-process batch
+        assert sorted(ranks[0][2 * j:2 * j + 2] + ranks[1][2 * j:2 * j + 2]) == sorted(full[4 * j:4 * j + 4])
+    data = train.Seeded(Cityscapes(make_toy_cityscapes(tmp_path, n_train=1, n_val=0, size=(48, 64)),
+                                   transform=TrainTransform(crop=32)))
+    assert torch.equal(data[(0, 7)][0], data[(0, 7)][0]) and not torch.equal(data[(0, 7)][0], data[(0, 8)][0])
+
+
+def test_resume_continues_exactly_where_the_run_stopped(toy, tmp_path, capsys, monkeypatch):
+    """Killed after last.pt at iteration 3 (mid-epoch: 2 iterations per epoch) and resumed, the run logs the
+    same losses as an uninterrupted run: same data order, augmentation, weights, optimizer state and lr."""
+    flags = ["--data", str(toy), "--iters", "7", "--save-every", "3", "--log-every", "1", *TINY]
+    train.main(train.get_args(flags + ["--out", str(tmp_path / "straight")]))
+    straight = losses(capsys.readouterr().out)
     real_poly_lr = train.poly_lr
 
-    def killed_at_5(it, *a):  # the run dies during iteration 5, after last.pt was written at 4
-        if it == 4:
+    def killed_at_4(it, *a):  # the run dies during iteration 4, after last.pt was written at 3
+        if it == 3:
             raise KeyboardInterrupt
         return real_poly_lr(it, *a)
-    monkeypatch.setattr(train, "poly_lr", killed_at_5)
+    monkeypatch.setattr(train, "poly_lr", killed_at_4)
     with pytest.raises(KeyboardInterrupt):
-        train.main(train.get_args(flags))
+        train.main(train.get_args(flags + ["--out", str(tmp_path / "killed")]))
     monkeypatch.setattr(train, "poly_lr", real_poly_lr)
-    assert train.load_checkpoint(tmp_path / "last.pt")["iter"] == 4
+    assert load_checkpoint(tmp_path / "killed" / "last.pt")["iter"] == 3
     capsys.readouterr()
-    train.main(train.get_args(["--resume", str(tmp_path / "last.pt"), "--workers", "0", "--log-every", "1"]))
+    train.main(train.get_args(["--resume", str(tmp_path / "killed" / "last.pt")]))
     log = [line for line in capsys.readouterr().out.splitlines() if line.startswith("iter ")]
-    assert log[0].startswith("iter 5/8") and f"lr {real_poly_lr(4, 8, 1e-3):.2e}" in log[0]
-    assert train.load_checkpoint(tmp_path / "last.pt")["iter"] == 8
+    assert log[0].startswith("iter 4/7") and f"lr {real_poly_lr(3, 7, 1e-3):.2e}" in log[0]
+    assert losses("\n".join(log)) == straight[3:]
+    assert load_checkpoint(tmp_path / "killed" / "last.pt")["iter"] == 7
+
+
+def test_resume_with_a_moved_data_set_and_output(toy, tmp_path, capsys):
+    import shutil
+    shutil.copytree(toy, tmp_path / "old")
+    train.main(train.get_args(["--data", str(tmp_path / "old"), "--out", str(tmp_path / "run"), "--iters", "2", *TINY]))
+    (tmp_path / "old").rename(tmp_path / "new")
+    train.main(train.get_args(["--resume", str(tmp_path / "run" / "last.pt"), "--data", str(tmp_path / "new"),
+                               "--out", str(tmp_path / "run2"), "--iters", "4"]))
+    config = load_checkpoint(tmp_path / "run2" / "last.pt")["config"]
+    assert config["data"] == str((tmp_path / "new").resolve()) and config["out"] == str(tmp_path / "run2")
+    assert config["iters"] == 4 and config["channels"] == 16 and config["crop"] == 64  # the rest is restored
+    assert load_checkpoint(tmp_path / "run2" / "last.pt")["iter"] == 4
+
+
+def test_log_lines_are_finite_and_leave_validation_out(toy, tmp_path, capsys, monkeypatch):
+    import time
+    from types import SimpleNamespace
+    offset = [0.0]
+    monkeypatch.setattr(train, "time", SimpleNamespace(time=lambda: time.time() + offset[0], perf_counter=time.perf_counter))
+
+    def an_hour_long_validation(*args, **kwargs):
+        offset[0] += 3600.0
+        return {"miou": 0.5, "acc": 0.9}
+    monkeypatch.setattr(train, "validate", an_hour_long_validation)
+    train.main(train.get_args(["--data", str(toy), "--out", str(tmp_path), "--iters", "5", "--log-every", "2",
+                               "--val-every", "2", *TINY]))
+    log = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("iter ", "val "))]
+    assert [line.split()[1] for line in log] == ["2/5", "2/5", "4/5", "4/5", "5/5", "5/5"]  # iter, val, iter, ...
+    for line in log[0::2]:
+        speed = float(line.split(" img/s")[0].rsplit("| ", 1)[1])
+        eta = float(line.split("| eta ")[1].split()[0])
+        assert math.isfinite(speed) and speed > 0.05 and eta < 60, line  # an hour of validation would show
+
+
+def test_batch_size_must_divide_over_the_gpus(toy, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(DataError, match="must be divisible by 3"):
+        train.main(train.get_args(["--data", str(toy), "--out", str(tmp_path), *TINY]))
+
+
+def test_defaults_are_the_recipe_and_toy_stays_offline():
+    args = train.get_args(["--data", "/cityscapes"])
+    assert (args.pretrained, args.backbone, args.batch_size, args.crop, args.lr, args.epochs) == \
+        ("imagenet", "resnet101", 8, 768, 1e-4, 200)
+    assert args.val_every > 0 and args.explicit == {"data"}
+    toy = train.get_args(["--toy", "--lr", "0.5"])
+    assert toy.pretrained == "none" and toy.val_every == 0 and toy.lr == 0.5 and toy.explicit == {"toy", "lr"}
+
+
+def test_amp_auto_picks_by_compute_capability(monkeypatch):
+    for capability, expected in (((6, 1), "fp16"), ((7, 0), "fp16"), ((7, 5), "fp16"), ((8, 0), "bf16"), ((9, 0), "bf16")):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+        assert resolve_amp("auto", torch.device("cuda"))[0] == expected, capability
+    assert resolve_amp("auto", torch.device("cpu")) == ("off", None)
+    assert resolve_amp("fp16", torch.device("cpu")) == ("fp16", torch.float16)
+
+
+def test_ablation_flags_reach_the_checkpoint_and_evaluate(toy, tmp_path, capsys):
+    flags = ["--ratios", "1", "1", "1", "1", "--lambda-dice", "0", "--lambda-sel", "0", "--no-straight-through",
+             "--dilation", "2"]
+    train.main(train.get_args(["--data", str(toy), "--out", str(tmp_path), "--iters", "2", "--log-every", "1", *TINY,
+                               *flags]))
+    for line in [line for line in capsys.readouterr().out.splitlines() if line.startswith("iter ")]:
+        assert line.split("| loss ")[1].split()[0] == line.split("(ce ")[1].split()[0]  # λ1 = λ2 = 0: L = L_CE
+    config = load_checkpoint(tmp_path / "best.pt")["config"]
+    assert config["model"]["ratios"] == (1, 1, 1, 1) and config["model"]["straight_through"] is False
+    assert config["model"]["dilation"] == 2 and config["lambda_dice"] == 0 and config["lambda_sel"] == 0
+    model = load_model(tmp_path / "best.pt")[0]
+    assert model.ratios == (1, 1, 1, 1) and not model.straight_through and model.branches[3][0].dilation == (2, 2)
+    metrics = evaluate.main(evaluate.get_args(["--ckpt", str(tmp_path / "best.pt"), "--workers", "0", "--device", "cpu"]))
+    assert 0 <= metrics["mIoU"] <= 1
+
+
+def test_offline_imagenet_weights_give_one_clear_line(toy, tmp_path):
+    """The plain recipe downloads ImageNet weights; unreachable (a dead proxy here), it says what to pass instead."""
+    env = {k: v for k, v in os.environ.items() if k.lower() != "no_proxy"}
+    env.update(TORCH_HOME=str(tmp_path / "cache"), https_proxy="http://127.0.0.1:9", HTTPS_PROXY="http://127.0.0.1:9")
+    flags = [f for f in TINY if f not in ("--pretrained", "none")]
+    r = run_train("--data", toy, "--out", tmp_path / "o", *flags, env=env)
+    assert r.returncode != 0 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "could not download the ImageNet weights of resnet50" in r.stderr and "--pretrained none" in r.stderr
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
-    train.save({"a": 1}, tmp_path / "last.pt")
+    save_checkpoint({"a": 1}, tmp_path / "last.pt")
 
     def dies_half_way(obj, f):
         Path(f).write_bytes(b"partial")
         raise KeyboardInterrupt  # kill -9 during the write
     monkeypatch.setattr(torch, "save", dies_half_way)
     with pytest.raises(KeyboardInterrupt):
-        train.save({"a": 2}, tmp_path / "last.pt")
+        save_checkpoint({"a": 2}, tmp_path / "last.pt")
     assert torch.load(tmp_path / "last.pt") == {"a": 1}
 
 
-def test_torchrun_two_processes_gloo(toy, tmp_path):
+def test_torchrun_two_processes_optimise_what_one_does(toy, tmp_path):
+    """2 processes × 1 image follow 1 process × 2 images loss for loss: the same images with the same
+    augmentation (Stream), and L_CE, L_Dice, L_sel from sums over both ranks (all_ranks_sum)."""
+    flags = ["--data", str(toy), "--iters", "2", "--log-every", "1", "--device", "cpu", *TINY]
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(REPO / "train.py"),
-                        "--data", str(toy), "--out", str(tmp_path), "--iters", "2", "--log-every", "1", "--device", "cpu",
-                        *TINY], capture_output=True, text=True, cwd=REPO, timeout=240)
+                        *flags, "--out", str(tmp_path / "ddp")], capture_output=True, text=True, cwd=REPO, timeout=240)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "on 2 × cpu" in r.stdout and "iter 2/2" in r.stdout and r.stdout.count("val 2/2") == 1  # rank 0 logs
-    assert train.load_checkpoint(tmp_path / "last.pt")["iter"] == 2
+    assert "on 2 × cpu" in r.stdout and r.stdout.count("val 2/2") == 1  # rank 0 logs
+    assert load_checkpoint(tmp_path / "ddp" / "last.pt")["iter"] == 2
+    one = run_train(*flags, "--out", tmp_path / "one")
+    # Equal up to float summation order (AdamW's first steps amplify such differences, hence two iterations).
+    assert losses(r.stdout) == pytest.approx(losses(one.stdout), abs=2e-4) and len(losses(r.stdout)) == 2
+
+
+TWO_RANK_LOSS = """
+import sys, torch, torch.distributed as dist
+from fornet import FoRNetLoss
+dist.init_process_group("gloo")
+rank, (logits, sel, target) = dist.get_rank(), torch.load(sys.argv[1])
+mine = [t[rank:rank + 1].clone().requires_grad_(t.is_floating_point()) for t in (logits, sel, target)]
+total, parts = FoRNetLoss(num_classes=5)(*mine)
+total.backward()
+torch.save((total.detach(), mine[0].grad, mine[1].grad), f"{sys.argv[1]}.{rank}")
+"""
+
+
+def test_loss_over_two_ranks_equals_the_loss_over_their_batch(tmp_path):
+    """Each rank's loss is the loss of the global batch, and its gradient, once DDP averages over the 2 ranks,
+    is the global batch's gradient (the Dice sums and pixel counts are summed over ranks, differentiably)."""
+    torch.manual_seed(0)
+    logits, sel = torch.randn(2, 5, 24, 32) * 3, torch.randn(2, 1, 3, 4)
+    target = torch.randint(0, 5, (2, 24, 32))
+    target[0] = torch.where(target[0] == 4, 3, target[0])  # class 4 only in image 1: Dice's set of classes is global
+    target[1, :8] = 255
+    torch.save((logits, sel, target), tmp_path / "batch.pt")
+    (tmp_path / "two_ranks.py").write_text(TWO_RANK_LOSS)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(tmp_path / "two_ranks.py"),
+                        str(tmp_path / "batch.pt")], capture_output=True, text=True, cwd=REPO, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert r.returncode == 0, r.stderr[-2000:]
+    logits.requires_grad_(), sel.requires_grad_()
+    total, _ = FoRNetLoss(num_classes=5)(logits, sel, target)
+    total.backward()
+    for rank in (0, 1):
+        total_r, logits_grad, sel_grad = torch.load(tmp_path / f"batch.pt.{rank}")
+        torch.testing.assert_close(total_r, total.detach())
+        torch.testing.assert_close(logits_grad / 2, logits.grad[rank:rank + 1])  # / 2: DDP's average over ranks
+        torch.testing.assert_close(sel_grad / 2, sel.grad[rank:rank + 1])
+
+
+def test_train_benchmark_smoke(toy, capsys):
+    rows = train.main(train.get_args(["--benchmark", "--data", str(toy), "--backbone", "resnet50", "--channels", "16",
+                                      "--crop", "32", "--batch-size", "2", "--bench-iters", "1", "--device", "cpu"]))
+    out = capsys.readouterr().out
+    assert "FoR-Net (resnet50)" in out and "DeepLabV3 (resnet50)" in out and "img/s per worker" in out
+    assert [len(r) for r in rows] == [6, 6] and all(v > 0 for r in rows for v in r[1:])
 
 
 def test_bad_inputs_get_one_clear_line(toy, tmp_path):
@@ -438,15 +683,17 @@ def test_bad_inputs_get_one_clear_line(toy, tmp_path):
     assert r.returncode != 0 and f"{ds.labels[0]} holds value(s) [40]" in r.stderr and "Traceback" not in r.stderr
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     torch.save({"model": {}}, tmp_path / "partial.pt")
-    for bad in ("junk.pt", "partial.pt", "missing.pt"):
+    torch.save({"model": {}, "config": {"model": {}}, "iter": 0, "miou": 0.0}, tmp_path / "best.pt")
+    for bad in ("junk.pt", "partial.pt", "missing.pt", "best.pt"):
         r = run_train("--resume", tmp_path / bad)
         assert r.returncode != 0 and "Traceback" not in r.stderr and str(tmp_path / bad) in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
+    assert "holds weights only (a best.pt): --resume needs the run's last.pt" in r.stderr
 
 
 # ---------------------------------------------------------------- evaluate.py
 
 import json
-import math
 
 from evaluate import HardRegions, get_args, gt_boundary, main, predict
 from fornet import TRAIN_ID_TO_ID
@@ -531,6 +778,37 @@ def test_saved_predictions_are_labelids_and_give_the_reported_miou(toy_ckpt, tmp
             assert im.size == (2 * target.shape[1], 2 * target.shape[0])  # 2×2 panels
     assert cm.compute()["miou"] == pytest.approx(metrics["mIoU"], abs=1e-12)
     assert [v is None for v in metrics["IoU"].values()] == [c not in present for c in range(19)]  # null = absent
+
+
+def test_own_images_any_size_and_mode_and_a_bad_file(toy_ckpt, tmp_path):
+    root, data, ckpt = toy_ckpt
+    pics, out, broken = tmp_path / "pics", tmp_path / "out", tmp_path / "broken.jpg"
+    pics.mkdir()
+    rng = np.random.default_rng(0)
+    sizes = {"odd": (37, 53, 3), "grey": (30, 41), "rgba": (25, 33, 4)}  # RGB, greyscale (L), RGBA
+    for stem, shape in sizes.items():
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(pics / f"{stem}.{'jpg' if stem == 'grey' else 'png'}")
+    (pics / "notes.txt").write_text("not an image, and not named like one: not picked up")
+    broken.write_bytes(b"not a jpeg")
+    argv = ["--ckpt", ckpt, "--images", str(pics), str(broken), "--save-color", str(out), "--save-pred", str(out),
+            "--device", "cpu"]
+    with pytest.raises(DataError, match="1 of 4 images could not be read"):
+        main(get_args(argv))
+    for stem, (H, W, *_) in sizes.items():  # the readable ones are written all the same
+        with Image.open(out / f"{stem}_color.png") as im:
+            assert im.size == (2 * W, 2 * H)  # 2×2 panels
+        with Image.open(out / f"{stem}_pred.png") as im:
+            assert im.size == (W, H) and set(np.unique(np.array(im))) <= set(TRAIN_ID_TO_ID)  # labelIds
+    model = load_model(ckpt)[0]  # the prediction is the model's own, on the RGB pixels of the RGBA file
+    image = read_image(pics / "rgba.png", "RGB").permute(2, 0, 1)  # (3, H, W) uint8
+    with torch.no_grad():
+        expected = model(normalize(image[None]))[0].argmax(1)[0]
+    assert np.array_equal(np.array(Image.open(out / "rgba_pred.png")), to_label_ids(expected.numpy()))
+    run = subprocess.run([sys.executable, "evaluate.py", *argv[:3], str(broken), str(pics / "odd.png"), "--save-pred",
+                          str(tmp_path / "cli")], capture_output=True, text=True, cwd=REPO)
+    assert run.returncode != 0 and "Traceback" not in run.stderr and f"skipped: cannot read {broken}" in run.stdout
+    assert run.stderr.strip().splitlines() == ["error: 1 of 2 images could not be read (named above); the others were written"]
+    assert (tmp_path / "cli" / "odd_pred.png").exists()
 
 
 # ---------------------------------------------------------------- inference modes

@@ -1,14 +1,18 @@
 """Train FoR-Net on Cityscapes with the paper's recipe (Sec. 4.1), in one flat loop.
 
-    python train.py --data /path/to/cityscapes                     # one GPU, the paper's recipe
-    torchrun --nproc_per_node=4 train.py --data /path/to/cityscapes   # several GPUs (DDP)
-    python train.py --toy                                           # synthetic demo, CPU, < 5 min
+    python train.py --data /path/to/cityscapes                       # one GPU: the paper's recipe
+    torchrun --nproc_per_node=4 train.py --data /path/to/cityscapes   # several GPUs (DDP), the same objective
+    python train.py --toy                                             # synthetic demo, CPU, < 5 min
+    python train.py --benchmark [--data /path/to/cityscapes]          # cost per step vs DeepLabV3; no data needed
 
-Recipe (Sec. 4.1): AdamW lr 1e-4, poly schedule (power 0.9), batch 8, crop 768, 200 epochs,
-random scale / crop / flip, CE + Dice + selector loss, AMP.
+Recipe (Sec. 4.1): ResNet-101 from ImageNet weights, AdamW lr 1e-4, batch 8, crop 768, 200 epochs, random
+scale / crop / flip, poly schedule, CE + Dice + selector loss. Our choices where the paper is silent (README):
+poly power 0.9, weight decay 0.01, scale range 0.5-2, mixed precision (bf16, or fp16 on older GPUs).
 """
 import argparse
+import math
 import os
+import re
 import resource
 import sys
 import time
@@ -16,16 +20,20 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as TF
+import torchvision
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.flop_counter import FlopCounterMode
 
-from fornet import Cityscapes, ConfusionMatrix, DataError, FoRNet, FoRNetLoss, TrainTransform, make_toy_cityscapes, normalize
+from fornet import (Cityscapes, ConfusionMatrix, DataError, FoRNet, FoRNetLoss, TrainTransform, load_checkpoint,
+                    make_toy_cityscapes, normalize, resolve_amp, save_checkpoint)
 
+MODEL, LOSS = FoRNet.__init__.__kwdefaults__, FoRNetLoss.__init__.__kwdefaults__  # the paper's values live there
 # --toy changes these defaults (flags given on the command line still win): a ResNet-50 with a
 # narrow head on a generated 128×256 data set, small enough for a 2-core CPU in a few minutes.
-TOY = dict(data="runs/toy/data", out="runs/toy", backbone="resnet50", channels=64, crop=96, batch_size=4,
-           iters=200, lr=1e-3, workers=0, log_every=20)
-# On --resume these come from the command line; every other flag is restored from the checkpoint.
-RUN_FLAGS = ("resume", "workers", "device", "log_every")
+TOY = dict(data="runs/toy/data", out="runs/toy", backbone="resnet50", pretrained="none", channels=64, crop=96,
+           batch_size=4, iters=200, lr=1e-3, workers=0, log_every=20, val_every=0)
+CITYSCAPES_TRAIN = 2975  # images in the fine train split: what --benchmark projects the recipe's duration with
 
 
 def get_args(argv=None):
@@ -34,13 +42,23 @@ def get_args(argv=None):
     g.add_argument("--data", help="Cityscapes root, holding leftImg8bit/ and gtFine/")
     g.add_argument("--toy", action="store_true", help="generate a synthetic Cityscapes-layout set and train a small model on it")
     g.add_argument("--crop", type=int, default=768, help="square training crop (Sec. 4.1: 768)")
+    g.add_argument("--scale", type=float, nargs=2, default=[0.5, 2.0], metavar=("MIN", "MAX"),
+                   help="random scale range (paper is silent; 0.5 2.0, the common practice)")
     g.add_argument("--workers", type=int, default=8, help="data-loading processes per GPU")
     g = p.add_argument_group("model")
     g.add_argument("--backbone", choices=("resnet101", "resnet50"), default="resnet101")
-    g.add_argument("--pretrained", default="none", help="none | imagenet | PATH to a .pth (see README: GN weights)")
+    g.add_argument("--pretrained", default="imagenet",
+                   help="imagenet (torchvision's weights, downloaded once) | none (from scratch) | PATH to a .pth")
     g.add_argument("--norm", choices=("gn", "bn"), default="gn", help="gn = the paper; bn = deviation for BN weights")
-    g.add_argument("--channels", type=int, default=256, help="width C of the head")
-    g.add_argument("--dilation", type=int, default=16, help="dilation of the 7×7 branch (Sec. 4.5)")
+    g.add_argument("--channels", type=int, default=MODEL["channels"], help="width C of the head")
+    g.add_argument("--dilation", type=int, default=MODEL["dilation"], help="7×7 branch dilation (Sec. 4.5: 1 2 4 8 16)")
+    g.add_argument("--ratios", type=float, nargs=4, default=list(MODEL["ratios"]), metavar="R",
+                   help="Top-K ratio of each branch; 1 1 1 1 switches selection off")
+    g.add_argument("--no-straight-through", dest="straight_through", action="store_false",
+                   help="M is a constant: only L_sel trains the selector")
+    g = p.add_argument_group("objective, Eq. (10)")
+    g.add_argument("--lambda-dice", type=float, default=LOSS["lambda_dice"], help="λ1; 0 removes L_Dice")
+    g.add_argument("--lambda-sel", type=float, default=LOSS["lambda_sel"], help="λ2; 0 removes L_sel")
     g = p.add_argument_group("optimisation")
     g.add_argument("--iters", type=int, default=0, help="iterations; 0 = --epochs worth of them")
     g.add_argument("--epochs", type=int, default=200, help="used when --iters is 0 (Sec. 4.1: 200)")
@@ -49,98 +67,184 @@ def get_args(argv=None):
     g.add_argument("--weight-decay", type=float, default=1e-2,
                    help="AdamW weight decay on conv weights (paper is silent; PyTorch's default 0.01)")
     g.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto",
-                   help="auto = bf16 on GPUs that support it, else fp16; off on CPU")
+                   help="auto = bf16 on GPUs of compute capability ≥ 8.0, fp16 on older ones, off on CPU (our choice)")
     g = p.add_argument_group("run")
     g.add_argument("--out", default="runs/fornet", help="directory for last.pt and best.pt")
-    g.add_argument("--val-every", type=int, default=0, help="validate every N iterations; 0 = only at the end")
+    g.add_argument("--val-every", type=int, default=2000,
+                   help="validate (and keep best.pt) every N iterations; 0 = only at the end")
     g.add_argument("--save-every", type=int, default=1000, help="write last.pt every N iterations")
     g.add_argument("--log-every", type=int, default=20, help="print a log line every N iterations")
-    g.add_argument("--resume", help="continue the run saved in this checkpoint (its flags are restored)")
+    g.add_argument("--resume", help="continue the run in this last.pt; flags given here win over the stored ones")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g = p.add_argument_group("benchmark")
+    g.add_argument("--benchmark", action="store_true", help="time training steps on random data, vs DeepLabV3")
+    g.add_argument("--bench-iters", type=int, default=10, help="timed steps (after 3 warm-up steps)")
     args = p.parse_args(argv)
+    for action in p._actions:  # parsed again without defaults: the flags this command line gives
+        action.default = argparse.SUPPRESS
+    args.explicit = set(vars(p.parse_args(argv)))
     if args.toy:
-        p.set_defaults(**TOY)
-        args = p.parse_args(argv)
+        vars(args).update({k: v for k, v in TOY.items() if k not in args.explicit})
     return args
 
 
 def poly_lr(it, iters, base_lr, power=0.9):
-    """Poly schedule (Sec. 4.1): lr = base_lr · (1 - it/iters)^0.9."""
+    """Poly schedule (Sec. 4.1): lr = base_lr · (1 - it/iters)^0.9 (the power is our choice; the paper gives none)."""
     return base_lr * (1 - it / iters) ** power
 
 
-def batches(loader, sampler, epoch):
-    """Endless stream of batches, reshuffled every epoch."""
-    while True:
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        yield from loader
-        epoch += 1
+class Stream(torch.utils.data.Sampler):
+    """The training order, endless, from iteration `start` on: yields (image index, augmentation seed).
+
+    Epoch e is a permutation drawn from (seed, e) with one augmentation seed per position, so a
+    resumed run sees exactly what the uninterrupted run would have. Iteration j of an epoch takes
+    positions j·B ... (j+1)·B - 1 (B the global batch; an epoch's last incomplete batch is dropped)
+    and rank r of `world` the positions ≡ r mod world among them: the same images, with the same
+    augmentation, whatever the number of GPUs.
+    """
+
+    def __init__(self, n, batch, *, seed, start=0, rank=0, world=1):
+        self.n, self.batch, self.seed, self.start, self.rank, self.world = n, batch, seed, start, rank, world
+        self.iters_per_epoch = n // batch
+
+    def __iter__(self):
+        epoch, j = divmod(self.start, self.iters_per_epoch)
+        while True:
+            g = torch.Generator().manual_seed(1_000_003 * self.seed + epoch)
+            order, seeds = torch.randperm(self.n, generator=g), torch.randint(2**62, (self.n,), generator=g)
+            for p in range(j * self.batch + self.rank, self.iters_per_epoch * self.batch, self.world):
+                yield order[p].item(), seeds[p].item()
+            epoch, j = epoch + 1, 0
+
+
+class Seeded(torch.utils.data.Dataset):
+    """dataset[(i, seed)] = dataset[i] with its random augmentation drawn from `seed` (in any worker)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __getitem__(self, key):
+        i, seed = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.dataset[i]
 
 
 @torch.no_grad()
-def validate(model, dataset, device, amp_dtype, rank=0, world=1):
-    """Whole-image mIoU on `dataset`, each rank taking every world-th image, matrices summed."""
+def validate(model, dataset, device, rank=0, world=1):
+    """Whole-image mIoU on `dataset` in float32 (as evaluate.py's default), each rank taking every world-th image."""
     model.eval()
     cm = ConfusionMatrix()
     for i in range(rank, len(dataset), world):
-        image, target = dataset[i]  # (3, H, W), (H, W)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits, _ = model(image[None].to(device))  # (1, N, H, W)
+        image, target = dataset[i]  # (3, H, W) uint8, (H, W)
+        logits, _ = model(normalize(image[None].to(device)))  # (1, N, H, W)
         cm.update(logits.argmax(1)[0], target.to(device))
     cm.reduce()
     model.train()
     return cm.compute()
 
 
-def resolve_amp(amp, device):
-    """--amp -> (name, autocast dtype or None); auto = bf16 on GPUs that support it, else fp16; off on CPU."""
-    if amp == "auto":
-        amp = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.type == "cuda" else "off"
-    return amp, {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
+def peak_memory(device, reset=False):
+    """GiB: CUDA's allocator peak on a GPU; on a CPU the process's peak RSS (reset via /proc on Linux)."""
+    if device.type == "cuda":
+        if reset:
+            torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    status = Path("/proc/self/status")
+    if not status.exists():
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    if reset:
+        Path("/proc/self/clear_refs").write_text("5")  # 5 = reset the peak RSS to the current RSS
+    return int(re.search(r"VmHWM:\s+(\d+) kB", status.read_text())[1]) / 2**20
 
 
-def save(obj, path):
-    """Write, then rename: a kill at any moment leaves the previous file intact."""
-    tmp = Path(f"{path}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def benchmark(args, device, amp_dtype):
+    """Training steps on random data, FoR-Net (our loss) vs torchvision's DeepLabV3 (cross-entropy), same settings."""
+    B, size = args.batch_size, (args.crop, args.crop)
+    deeplab = getattr(torchvision.models.segmentation, f"deeplabv3_{args.backbone}")
+    fornet_loss = FoRNetLoss(lambda_dice=args.lambda_dice, lambda_sel=args.lambda_sel)
+    models = [(f"FoR-Net ({args.backbone})", lambda: FoRNet(**model_kwargs(args)), lambda out, y: fornet_loss(*out, y)[0]),
+              (f"DeepLabV3 ({args.backbone})", lambda: deeplab(weights=None, weights_backbone=None, num_classes=19,
+                                                               aux_loss=False),
+               lambda out, y: TF.cross_entropy(out["out"], y, ignore_index=255))]
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    print(f"{B}×3×{size[0]}×{size[1]} on {device} | amp {args.amp} | 3 warm-up + {args.bench_iters} timed steps | "
+          f"torch {torch.__version__}\n{'model':<22}{'img/s':>8}{'ms/step':>10}{'peak GiB':>10}{'TFLOP/s':>9}"
+          f"{f'{args.epochs} epochs (h)':>16}")
+    rows = []
+    for name, build, loss_of in models:
+        with torch.device("meta"), FlopCounterMode(display=False) as counter:
+            build()(torch.empty(B, 3, *size))
+        model = build().to(device).train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+        scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+        x = normalize(torch.randint(0, 256, (B, 3, *size), dtype=torch.uint8, device=device))
+        y = torch.randint(0, 19, (B, *size), device=device)
+        for i in range(3 + args.bench_iters):
+            if i == 3:
+                sync()
+                peak_memory(device, reset=True)
+                t0 = time.perf_counter()
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                out = model(x)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss_of(out, y)).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        sync()
+        step = (time.perf_counter() - t0) / args.bench_iters
+        tflops = 3 * counter.get_total_flops() / step / 1e12  # training ≈ 3 × the forward pass's FLOPs
+        hours = args.epochs * CITYSCAPES_TRAIN / (B / step) / 3600
+        rows.append((name, B / step, 1e3 * step, peak_memory(device), tflops, hours))
+        print(f"{name:<22}{B / step:>8.2f}{1e3 * step:>10.0f}{rows[-1][3]:>10.2f}{tflops:>9.2f}{hours:>16.1f}")
+        del model, optimizer, out
+    if args.data:  # the data pipeline in this one process: what one --workers process delivers
+        train_set = Cityscapes(args.data, "train")
+        n = min(len(train_set), 20)
+        for name, transform in (("decode", None), ("decode + augment", TrainTransform(args.crop, tuple(args.scale)))):
+            train_set.transform, t0 = transform, time.perf_counter()
+            for i in range(n):
+                train_set[i]
+            per_worker = n / (time.perf_counter() - t0)
+            print(f"loader, {name}: {per_worker:.1f} img/s per worker")
+        print(f"--workers needed to feed {rows[0][1]:.1f} img/s: {math.ceil(rows[0][1] / per_worker)}")
+    return rows
 
 
-def load_checkpoint(path):
-    """A training checkpoint, or one clear error saying why it cannot be used."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise DataError(f"checkpoint {path} not found") from None
-    except Exception as e:  # torch.load's own messages are long and suggest unsafe loading
-        raise DataError(f"cannot load checkpoint {path}: not a PyTorch checkpoint ({type(e).__name__})") from None
-    missing = [k for k in ("model", "optimizer", "scaler", "iter", "config") if not isinstance(ckpt, dict) or k not in ckpt]
-    if missing:
-        raise DataError(f"{path} is not a train.py checkpoint (missing {', '.join(missing)})")
-    return ckpt
+def model_kwargs(args):
+    """The FoRNet keyword arguments of a run (stored as config["model"]; evaluate.py rebuilds the model from them)."""
+    return dict(num_classes=19, backbone=args.backbone, norm=args.norm, channels=args.channels, dilation=args.dilation,
+                ratios=tuple(args.ratios), straight_through=args.straight_through)
 
 
 def main(args):
+    if args.resume:  # the stored flags, except those given on this command line
+        ckpt = load_checkpoint(args.resume)
+        if "optimizer" not in ckpt:
+            raise DataError(f"{args.resume} holds weights only (a best.pt): --resume needs the run's last.pt")
+        vars(args).update({k: v for k, v in ckpt["config"].items() if k in vars(args) and k not in args.explicit})
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if args.batch_size % world:
+        raise DataError(f"--batch-size {args.batch_size} is the total over all GPUs: it must be divisible by {world}")
+    if args.benchmark:
+        device = torch.device(args.device)
+        args.amp, amp_dtype = resolve_amp(args.amp, device)
+        return benchmark(args, device, amp_dtype)
+
     # ---- distributed set-up: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE
     ddp = "RANK" in os.environ
     if ddp:
         dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
+        rank = dist.get_rank()
         device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if args.device.startswith("cuda") else "cpu")
         if device.type == "cuda":
             torch.cuda.set_device(device)
     else:
-        rank, world, device = 0, 1, torch.device(args.device)
+        rank, device = 0, torch.device(args.device)
     master = rank == 0
     log = print if master else (lambda *a, **k: None)
-
-    ckpt = None
     if args.resume:
-        ckpt = load_checkpoint(args.resume)
-        run_flags = {k: getattr(args, k) for k in RUN_FLAGS}
-        vars(args).update(ckpt["config"], **run_flags)
         log(f"resuming {args.resume} at iteration {ckpt['iter']}")
     if args.toy and master and not (Path(args.data) / "leftImg8bit").is_dir():
         log(f"generating the toy data set in {args.data}")
@@ -150,58 +254,66 @@ def main(args):
     if not args.data or not Path(args.data).is_dir():
         raise DataError(f"--data {args.data!r}: no such directory (give the Cityscapes root, or use --toy)")
     args.data = str(Path(args.data).resolve())  # stored in the checkpoint for evaluate.py
-    assert args.batch_size % world == 0, f"--batch-size {args.batch_size} must be divisible by {world} GPUs"
-    torch.manual_seed(args.seed + rank)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.benchmark = True  # fixed-size crops: cuDNN picks its fastest kernels once
 
-    # ---- data
-    train_set = Cityscapes(args.data, "train", transform=TrainTransform(args.crop))
-    val_set = Cityscapes(args.data, "val", transform=normalize)
-    sampler = torch.utils.data.DistributedSampler(train_set, seed=args.seed) if ddp else None
-    loader = torch.utils.data.DataLoader(
-        train_set, batch_size=args.batch_size // world, shuffle=sampler is None, sampler=sampler, drop_last=True,
-        num_workers=args.workers, pin_memory=device.type == "cuda", persistent_workers=args.workers > 0)
-    iters_per_epoch = len(loader)
-    assert iters_per_epoch > 0, f"{len(train_set)} training images are fewer than one batch of {args.batch_size}"
+    # ---- data: uint8 images and targets from the workers, normalised on the device
+    train_set = Cityscapes(args.data, "train", transform=TrainTransform(args.crop, tuple(args.scale)))
+    val_set = Cityscapes(args.data, "val")
+    iters_per_epoch = len(train_set) // args.batch_size
+    if iters_per_epoch == 0:
+        raise DataError(f"{len(train_set)} training images are fewer than one batch of {args.batch_size}")
     iters = args.iters or args.epochs * iters_per_epoch
+    it = ckpt["iter"] if args.resume else 0
+    stream = Stream(len(train_set), args.batch_size, seed=args.seed, start=it, rank=rank, world=world)
+    loader = torch.utils.data.DataLoader(Seeded(train_set), batch_size=args.batch_size // world, sampler=stream,
+                                         num_workers=args.workers, pin_memory=device.type == "cuda")
 
     # ---- model, objective, optimiser
-    model_kwargs = dict(num_classes=19, backbone=args.backbone, norm=args.norm, channels=args.channels, dilation=args.dilation)
-    pretrained = None if args.pretrained == "none" or ckpt else args.pretrained
-    model = FoRNet(**model_kwargs, pretrained=pretrained).to(device)
-    loss_fn = FoRNetLoss(num_classes=19)
+    pretrained = None if args.pretrained == "none" or args.resume else args.pretrained
+    if ddp and not master:
+        dist.barrier()  # rank 0 downloads the ImageNet weights into torch's cache first
+    model = FoRNet(**model_kwargs(args), pretrained=pretrained).to(device)
+    if ddp and master:
+        dist.barrier()
+    loss_fn = FoRNetLoss(num_classes=19, lambda_dice=args.lambda_dice, lambda_sel=args.lambda_sel)
     # Paper is silent on weight decay: applied to conv weights, not to norm parameters or biases.
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, fused=device.type == "cuda")
     args.amp, amp_dtype = resolve_amp(args.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)  # a no-op unless fp16
-    it, best_miou = 0, 0.0
-    if ckpt:
+    best_miou = 0.0
+    if args.resume:
         try:
             model.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
             scaler.load_state_dict(ckpt["scaler"])
         except (RuntimeError, ValueError, KeyError) as e:
             raise DataError(f"cannot resume from {args.resume}: {str(e).splitlines()[0]}") from None
-        it, best_miou = ckpt["iter"], ckpt.get("best_miou", 0.0)
+        best_miou = ckpt.get("best_miou", 0.0)
     raw_model = model
     if ddp:
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    def checkpoint(name):
-        save({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-              "iter": it, "config": {**vars(args), "model": model_kwargs}, "best_miou": best_miou}, Path(args.out) / name)
+    config = {**{k: v for k, v in vars(args).items() if k != "explicit"}, "model": model_kwargs(args)}
 
     def run_validation():
         nonlocal best_miou
-        result = validate(raw_model, val_set, device, amp_dtype, rank, world)
+        result = validate(raw_model, val_set, device, rank, world)
         log(f"val {it}/{iters} | mIoU {result['miou']:.4f} | pixel acc {result['acc']:.4f}")
         if master:
-            if result["miou"] > best_miou:
+            if result["miou"] > best_miou:  # best.pt: what inference needs, no optimizer state
                 best_miou = result["miou"]
-                checkpoint("best.pt")
-            checkpoint("last.pt")
+                save_checkpoint({"model": raw_model.state_dict(), "config": config, "iter": it, "miou": best_miou},
+                                Path(args.out) / "best.pt")
+            save_last()
+
+    def save_last():  # last.pt: the full training state, for --resume
+        save_checkpoint({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "scaler": scaler.state_dict(), "iter": it, "config": config, "best_miou": best_miou},
+                        Path(args.out) / "last.pt")
 
     if master:
         Path(args.out).mkdir(parents=True, exist_ok=True)
@@ -209,19 +321,20 @@ def main(args):
         f"({iters / iters_per_epoch:.1f} epochs) on {world} × {device.type} | amp {args.amp}")
 
     # ---- the loop
-    data = batches(loader, sampler, epoch=it // iters_per_epoch)
+    data = iter(loader)
     model.train()
-    t0, t_start, it_start = time.time(), time.time(), it
+    t_log, it_log, train_time, it_start = time.time(), it, 0.0, it
     while it < iters:
         lr = poly_lr(it, iters, args.lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        image, target = next(data)  # (B, 3, crop, crop), (B, crop, crop)
-        image, target = image.to(device, non_blocking=True), target.to(device, non_blocking=True)
+        image, target = next(data)  # (B, 3, crop, crop) uint8, (B, crop, crop) uint8
+        image = normalize(image.to(device, non_blocking=True))  # (B, 3, crop, crop) float32
+        target = target.to(device, non_blocking=True).long()
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits, sel = model(image)
         total, parts = loss_fn(logits, sel, target)  # float32 throughout
-        if not torch.isfinite(total):
+        if not torch.isfinite(total):  # the one host sync per step
             raise FloatingPointError(f"non-finite loss at iteration {it}: total {total.item()}, "
                                      + ", ".join(f"{k} {v.item():.4g}" for k, v in parts.items()))
         optimizer.zero_grad(set_to_none=True)
@@ -231,19 +344,20 @@ def main(args):
         it += 1
 
         if it % args.log_every == 0 or it == iters:
-            dt = time.time() - t0
-            speed = args.log_every * args.batch_size / dt if it % args.log_every == 0 else float("nan")
-            eta = (time.time() - t_start) / (it - it_start) * (iters - it)
-            mem = (torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda"
-                   else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)  # GiB
-            log(f"iter {it}/{iters} | loss {total.item():.4f} ("
+            dt = time.time() - t_log
+            train_time += dt
+            eta = train_time / (it - it_start) * (iters - it)
+            log(f"iter {it}/{iters} | epoch {it / iters_per_epoch:.1f} | loss {total.item():.4f} ("
                 + " ".join(f"{k} {v.item():.4f}" for k, v in parts.items())
-                + f") | lr {lr:.2e} | {speed:.1f} img/s | mem {mem:.1f} GiB | eta {eta / 60:.1f} min")
-            t0 = time.time()
+                + f") | lr {lr:.2e} | {(it - it_log) * args.batch_size / dt:.1f} img/s | "
+                f"mem {peak_memory(device):.1f} GiB | eta {eta / 60:.1f} min")
+            t_log, it_log = time.time(), it
+        paused = time.time()  # validation and checkpoints do not count as training time
         if args.val_every and it % args.val_every == 0 and it < iters:
             run_validation()
         elif master and it % args.save_every == 0:
-            checkpoint("last.pt")
+            save_last()
+        t_log += time.time() - paused
     run_validation()
     log(f"done: best val mIoU {best_miou:.4f}, checkpoints in {args.out}/")
     if ddp:
