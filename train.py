@@ -126,8 +126,8 @@ class Seeded(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         i, seed = key
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        with torch.random.fork_rng(devices=[]):  # the CPU generator, restored afterwards
+            torch.default_generator.manual_seed(seed)
             return self.dataset[i]
 
 
