@@ -620,3 +620,47 @@ def test_benchmark_smoke(toy_ckpt, capsys):
     out = capsys.readouterr().out
     assert "FoR-Net (resnet50, C=16)" in out and "DeepLabV3-ResNet101" in out
     assert [len(r) for r in rows] == [6, 6] and all(r[1] > 0 and r[2] > 0 and r[3] > 0 for r in rows)
+
+
+# ---------------------------------------------------------------- performance
+
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from fornet import FoRNet, GroupNorm
+
+
+def test_group_norm_equals_nn_group_norm_and_keeps_the_input_dtype():
+    torch.manual_seed(0)
+    reference = nn.GroupNorm(8, 32)
+    nn.init.uniform_(reference.weight, 0.5, 1.5)
+    nn.init.uniform_(reference.bias, -1, 1)
+    norm = GroupNorm(8, 32)
+    norm.load_state_dict(reference.state_dict())  # same parameter names: checkpoints load either way
+    x = torch.randn(2, 32, 9, 11) * 3 + 1
+    assert torch.equal(norm(x), reference(x))  # float32 without autocast: exactly nn.GroupNorm
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = norm(x.bfloat16())
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), reference(x), rtol=1.6e-2, atol=3e-2)  # bf16 input and output rounding
+    y.float().sum().backward()
+    assert norm.weight.grad.dtype == torch.float32 and norm.weight.grad.abs().sum() > 0
+    with torch.device("meta"), torch.autocast("cpu", dtype=torch.bfloat16):  # evaluate.py counts FLOPs on meta
+        assert GroupNorm(8, 32)(torch.empty(1, 32, 4, 4, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_norms_keep_bf16_under_cuda_autocast_rules(monkeypatch):
+    """CUDA autocast runs group_norm in float32, CPU autocast does not: emulated with fake CUDA tensors."""
+    monkeypatch.setattr(torch.cuda.amp.common, "amp_definitely_not_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    dtypes = {}
+    with FakeTensorMode(), torch.device("cuda"):  # shapes and dtypes only, no GPU needed
+        model = FoRNet(num_classes=5, backbone="resnet50", channels=32)
+        norms = {name: m for name, m in model.named_modules() if isinstance(m, nn.GroupNorm)}
+        for name, m in norms.items():
+            m.register_forward_hook(lambda m, args, out, name=name: dtypes.__setitem__(name, out.dtype))
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits, sel = model(torch.randn(1, 3, 32, 32))
+            x = torch.randn(1, 32, 4, 4, dtype=torch.bfloat16)
+            assert nn.GroupNorm(8, 32)(x).dtype == torch.float32  # torch's GroupNorm: what we avoid
+    assert len(dtypes) == len(norms) and set(dtypes.values()) == {torch.bfloat16}  # every norm of the model
+    assert logits.dtype == sel.dtype == torch.float32
