@@ -45,14 +45,34 @@ IGNORE = 255  # Cityscapes convention: trainId 255 = ignore / void
 # ======================================================================================
 
 
+class GroupNorm(nn.GroupNorm):
+    """nn.GroupNorm that runs in its input's dtype under autocast; same parameters and state-dict names.
+
+    Why: CUDA autocast puts group_norm on its float32 list (CPU autocast does not). Under bf16
+    autocast every GN would then turn its bf16 input into a float32 output, the in-place ReLU
+    after it would keep that float32 tensor for backward, and the next conv a bf16 copy of it
+    again: AMP would need more activation memory than float32 (README, "Memory"). Here autocast
+    is switched off and the affine parameters are cast to the input's dtype instead; the CUDA
+    kernel still accumulates mean and variance in float32. Outside autocast, with float32
+    inputs, this is exactly nn.GroupNorm.
+    """
+
+    def forward(self, x):
+        with torch.autocast(device_type="cuda" if x.is_cuda else "cpu", enabled=False):  # also meta tensors
+            weight = self.weight.to(x.dtype) if self.affine else None
+            bias = self.bias.to(x.dtype) if self.affine else None
+            return TF.group_norm(x, self.num_groups, weight, bias, self.eps)
+
+
 def norm_layer(C, kind="gn"):
     """GroupNorm with 32 groups (Sec. 3.1), or BatchNorm for `norm="bn"`.
 
     Paper is silent on channel counts that 32 does not divide (the decoder's 48-wide F_low
     projection): we use gcd(32, C) groups, i.e. the largest power of two <= 32 dividing C.
+    The GroupNorm is our subclass that keeps bf16/fp16 activations in half precision under AMP.
     """
     if kind == "gn":
-        return nn.GroupNorm(math.gcd(32, C), C)
+        return GroupNorm(math.gcd(32, C), C)
     if kind == "bn":
         return nn.BatchNorm2d(C)
     raise ValueError(f"norm must be 'gn' or 'bn', got {kind!r}")

@@ -898,3 +898,113 @@ def test_benchmark_smoke(toy_ckpt, capsys):
     out = capsys.readouterr().out
     assert "FoR-Net (resnet50, C=16)" in out and "DeepLabV3-ResNet101" in out
     assert [len(r) for r in rows] == [6, 6] and all(r[1] > 0 and r[2] > 0 and r[3] > 0 for r in rows)
+
+
+# ---------------------------------------------------------------- performance
+
+import torch.nn.functional as TF
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from evaluate import HardRegions, dilate, gt_boundary
+from fornet import ConfusionMatrix, FoRNet, GroupNorm
+
+
+def test_group_norm_equals_nn_group_norm_and_keeps_the_input_dtype():
+    torch.manual_seed(0)
+    reference = nn.GroupNorm(8, 32)
+    nn.init.uniform_(reference.weight, 0.5, 1.5)
+    nn.init.uniform_(reference.bias, -1, 1)
+    norm = GroupNorm(8, 32)
+    norm.load_state_dict(reference.state_dict())  # same parameter names: checkpoints load either way
+    x = torch.randn(2, 32, 9, 11) * 3 + 1
+    assert torch.equal(norm(x), reference(x))  # float32 without autocast: exactly nn.GroupNorm
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = norm(x.bfloat16())
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), reference(x), rtol=1.6e-2, atol=3e-2)  # bf16 input and output rounding
+    y.float().sum().backward()
+    assert norm.weight.grad.dtype == torch.float32 and norm.weight.grad.abs().sum() > 0
+    with torch.device("meta"), torch.autocast("cpu", dtype=torch.bfloat16):  # evaluate.py counts FLOPs on meta
+        assert GroupNorm(8, 32)(torch.empty(1, 32, 4, 4, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_norms_keep_bf16_under_cuda_autocast_rules(monkeypatch):
+    """CUDA autocast runs group_norm in float32, CPU autocast does not: emulated with fake CUDA tensors."""
+    monkeypatch.setattr(torch.cuda.amp.common, "amp_definitely_not_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    dtypes = {}
+    with FakeTensorMode(), torch.device("cuda"):  # shapes and dtypes only, no GPU needed
+        model = FoRNet(num_classes=5, backbone="resnet50", channels=32)
+        norms = {name: m for name, m in model.named_modules() if isinstance(m, nn.GroupNorm)}
+        for name, m in norms.items():
+            m.register_forward_hook(lambda m, args, out, name=name: dtypes.__setitem__(name, out.dtype))
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits, sel = model(torch.randn(1, 3, 32, 32))
+            x = torch.randn(1, 32, 4, 4, dtype=torch.bfloat16)
+            assert nn.GroupNorm(8, 32)(x).dtype == torch.float32  # torch's GroupNorm: what we avoid
+    assert len(dtypes) == len(norms) and set(dtypes.values()) == {torch.bfloat16}  # every norm of the model
+    assert logits.dtype == sel.dtype == torch.float32
+
+
+def reference_hard_regions(widths, tol, pairs, num_classes=19):
+    """HardRegions.update as first written: (2d+1)² max-pools over all N class maps (slow, obviously correct)."""
+
+    def dilate_maxpool(mask, d):
+        x = mask.float().reshape(-1, 1, *mask.shape[-2:])  # (X, 1, H, W)
+        return (TF.max_pool2d(x, 2 * d + 1, stride=1, padding=d) > 0).view(mask.shape)
+
+    trimap, counts = {d: ConfusionMatrix(num_classes) for d in widths}, torch.zeros(4, num_classes, dtype=torch.long)
+    for pred, target in pairs:
+        edge_gt = gt_boundary(target)  # (H, W)
+        for d, cm in trimap.items():
+            band = dilate_maxpool(edge_gt, d)  # (H, W)
+            cm.update(pred[band], target[band])
+        edge_pred = gt_boundary(pred.masked_fill(target == 255, 255))  # (H, W)
+        c = torch.arange(num_classes)[:, None, None]  # (N, 1, 1)
+        B_gt, B_pred = edge_gt & (target == c), edge_pred & (pred == c)  # (N, H, W) each
+        counts += torch.stack([(B_pred & dilate_maxpool(B_gt, tol)).sum((1, 2)), B_pred.sum((1, 2)),
+                               (B_gt & dilate_maxpool(B_pred, tol)).sum((1, 2)), B_gt.sum((1, 2))])  # (4, N)
+    return {d: cm.mat for d, cm in trimap.items()}, counts
+
+
+def random_labels(g, H, W, classes):
+    """Blocky random trainIds with thin lines, single pixels and ignore (255), also on the image border."""
+    blocks = classes[torch.randint(0, len(classes), (H // 4 + 1, W // 5 + 1), generator=g)]
+    t = blocks.repeat_interleave(4, 0).repeat_interleave(5, 1)[:H, :W].clone()  # (H, W)
+    noise = torch.rand(H, W, generator=g)
+    t[noise < 0.05] = classes[torch.randint(0, len(classes), (H, W), generator=g)][noise < 0.05]
+    t[noise > 0.97] = 255
+    t[:, int(torch.randint(0, W, (), generator=g))] = 255  # an ignored column
+    return t
+
+
+def test_dilate_equals_max_pool():
+    g = torch.Generator().manual_seed(0)
+    for shape in ((1, 1), (3, 17, 1), (2, 9, 13), (30, 41)):
+        mask = torch.rand(shape, generator=g) < 0.05
+        for d in (0, 1, 2, 5, 40):  # 40: larger than the image
+            x = mask.float().reshape(-1, 1, *shape[-2:])
+            expected = (TF.max_pool2d(x, 2 * d + 1, stride=1, padding=d) > 0).view(shape)
+            assert torch.equal(dilate(mask, d), expected), (shape, d)
+
+
+def test_hard_regions_counts_equal_the_max_pool_reference():
+    g = torch.Generator().manual_seed(0)
+    pairs = []
+    for H, W, classes in ((40, 64, [0, 1, 2, 5]), (33, 47, [3, 5, 11, 12, 18]), (25, 30, [0, 7])):
+        target = random_labels(g, H, W, torch.tensor(classes))
+        pred = random_labels(g, H, W, torch.tensor(classes + [9]))  # class 9 only in the prediction
+        pred[pred == 255] = target[pred == 255].clamp(max=18)  # predictions are never 255
+        pairs.append((pred, target))
+    pairs.append((torch.zeros(8, 8, dtype=torch.long), torch.full((8, 8), 255)))  # all ignore: no boundary
+    target, pred = torch.zeros(9, 9, dtype=torch.long), torch.zeros(9, 9, dtype=torch.long)
+    target[4, 4], pred[4, 5] = 4, 4  # class 4: one boundary pixel in each map, 1 px apart
+    pairs.append((pred, target))
+    for widths, tol in (((1, 3), 0), ((2,), 1), ((3, 5, 10), 3), ((20,), 7)):
+        hard = HardRegions(widths, tol)
+        for pred, target in pairs:
+            hard.update(pred, target)
+        trimap, counts = reference_hard_regions(widths, tol, pairs)
+        assert torch.equal(hard.counts, counts), (widths, tol)
+        assert all(torch.equal(hard.trimap[d].mat, trimap[d]) for d in widths), (widths, tol)
+        assert counts[1].sum() > 0 and counts[0].sum() < counts[1].sum()  # some boundary pixels match, not all
