@@ -23,8 +23,8 @@ import torchvision
 from PIL import Image, ImageDraw, ImageFont
 from torch.utils.flop_counter import FlopCounterMode
 
-from fornet import (CLASSES, PALETTE, Cityscapes, ConfusionMatrix, DataError, FoRNet, boundary_map,
-                    load_checkpoint, load_model, normalize, read_image, resolve_amp, to_label_ids, topk_mask)
+from fornet import (CLASSES, PALETTE, Cityscapes, ConfusionMatrix, DataError, FoRNet, boundary_map, load_checkpoint,
+                    load_model, normalize, peak_memory, read_image, resolve_amp, to_label_ids, topk_mask)
 
 THIN = ("pole", "traffic light", "traffic sign")  # the thin classes reported beside mIoU
 MASK_COLORS = ((255, 40, 40), (255, 150, 0), (255, 255, 0), (0, 200, 255))  # innermost (smallest ratio) first
@@ -207,11 +207,7 @@ def save_color(path, image, pred, sel, ratios):
     masks = torch.where(level > 0, 0.35 * rgb + 0.65 * mask_rgb, 0.5 * rgb)  # (3, H, W)
     grid = torch.cat([torch.cat([rgb, color], 2), torch.cat([0.4 * rgb + 0.6 * heat, masks], 2)], 1)  # (3, 2H, 2W)
     picture = Image.fromarray((grid * 255).round().byte().permute(1, 2, 0).numpy())
-    draw = ImageDraw.Draw(picture)
-    try:  # Pillow >= 10.1 scales its built-in font
-        font = ImageFont.load_default(size=max(10, H // 20))
-    except TypeError:
-        font = None
+    draw, font = ImageDraw.Draw(picture), ImageFont.load_default(size=max(10, H // 20))  # Pillow ≥ 10.1
     white, legend = (255, 255, 255), [(f"{r:.0%}", MASK_COLORS[i % 4]) for i, r in enumerate(ratios)]
     for (x, y), items in (((0, 0), [("image", white)]), ((W, 0), [("prediction", white)]),
                           ((0, H), [("S = sigmoid(sel)", white)]), ((W, H), [("Top-K masks:", white)] + legend)):
@@ -227,34 +223,36 @@ def save_color(path, image, pred, sel, ratios):
 # ---------------------------------------------------------------- benchmark
 
 
-def benchmark(models, size, device, amp_dtype, warmup=3, runs=10):
-    """Params, GMACs (FLOPs/2 of convs and matmuls, counted on the meta device), latency and peak memory.
-
-    models: [(name, constructor)], each model returning its output for x (1, 3, H, W). Returns rows.
-    """
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+def benchmark(args, device, amp_dtype):
+    """Inference at batch 1: params, GMACs (FLOPs/2 of convs and matmuls, counted on the meta device), latency,
+    peak memory; FoR-Net (the checkpoint's config, else the paper's defaults) vs torchvision's DeepLabV3-R101."""
+    kwargs = load_checkpoint(args.ckpt)["config"]["model"] if args.ckpt else dict(backbone=args.backbone)
+    deeplab = torchvision.models.segmentation.deeplabv3_resnet101
+    models = [(f"FoR-Net ({kwargs.get('backbone', 'resnet101')}, C={kwargs.get('channels', 256)})", lambda: FoRNet(**kwargs)),
+              ("DeepLabV3-ResNet101 (torchvision)",
+               lambda: deeplab(weights=None, weights_backbone=None, num_classes=19, aux_loss=False))]
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    print(f"1×3×{args.size[0]}×{args.size[1]} on {device} | amp {args.amp} | {args.warmup} warm-up + {args.runs} "
+          f"timed runs | torch {torch.__version__}\n{'model':<36}{'params (M)':>11}{'GMACs':>10}{'latency (ms)':>14}"
+          f"{'FPS':>8}{'peak mem (GiB)':>16}")
     rows = []
     for name, build in models:
-        with torch.device("meta"):
+        with torch.device("meta"), FlopCounterMode(display=False) as counter:
             meta = build().eval()
-        with FlopCounterMode(display=False) as counter:
-            meta(torch.empty(1, 3, *size, device="meta"))
-        model = build().eval().to(device)
-        x = torch.randn(1, 3, *size, device=device)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
+            meta(torch.empty(1, 3, *args.size))
+        model, x = build().eval().to(device), torch.randn(1, 3, *args.size, device=device)
         with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            for _ in range(warmup):
-                model(x)
-            sync()  # CUDA runs asynchronously: wait for the GPU before reading the clock
-            t0 = time.perf_counter()
-            for _ in range(runs):
+            for i in range(args.warmup + args.runs):
+                if i == args.warmup:
+                    sync()  # CUDA runs asynchronously: wait for the GPU before reading the clock
+                    peak_memory(device, reset=True)
+                    t0 = time.perf_counter()
                 model(x)
             sync()
-        latency = (time.perf_counter() - t0) / runs
-        mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else math.nan
-        rows.append((name, sum(p.numel() for p in meta.parameters()) / 1e6, counter.get_total_flops() / 2e9,
-                     latency * 1e3, 1 / latency, mem))
+        ms = (time.perf_counter() - t0) / args.runs * 1e3
+        rows.append((name, sum(p.numel() for p in meta.parameters()) / 1e6, counter.get_total_flops() / 2e9, ms,
+                     1e3 / ms, peak_memory(device)))
+        print(f"{name:<36}{rows[-1][1]:>11.2f}{rows[-1][2]:>10.1f}{ms:>14.1f}{1e3 / ms:>8.2f}{rows[-1][5]:>16.2f}")
         del model, meta
     return rows
 
@@ -277,11 +275,8 @@ def infer(model, image, name, args, amp_dtype):
 
 
 def own_images(model, args, device, amp_dtype):
-    """--images: predictions for the files given and the .png/.jpg/.jpeg files in the folders given (sorted).
-
-    Any size, RGB / greyscale / RGBA (converted to RGB). A file that cannot be read is named in one
-    line and skipped; the others are still written, and the run then ends with an error.
-    """
+    """--images: the files given and the .png/.jpg/.jpeg files of the folders given, any size, RGB / grey / RGBA
+    (converted to RGB). An unreadable file is named in one line and skipped; the run ends with an error."""
     paths = [f for p in map(Path, args.images) for f in
              (sorted(f for f in p.iterdir() if f.suffix.lower() in (".png", ".jpg", ".jpeg")) if p.is_dir() else [p])]
     if not paths:
@@ -302,7 +297,6 @@ def own_images(model, args, device, amp_dtype):
     return paths
 
 
-
 def main(args):
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -310,20 +304,7 @@ def main(args):
     args.amp, amp_dtype = resolve_amp(args.amp, device)
 
     if args.benchmark:
-        kwargs = load_checkpoint(args.ckpt)["config"]["model"] if args.ckpt else dict(backbone=args.backbone)
-        if device.type == "cpu" and args.size == [1024, 2048]:
-            print("note: full Cityscapes size on a CPU is slow; pass e.g. --size 256 512")
-        deeplab = lambda: torchvision.models.segmentation.deeplabv3_resnet101(  # noqa: E731
-            weights=None, weights_backbone=None, num_classes=19, aux_loss=False)
-        rows = benchmark([(f"FoR-Net ({kwargs.get('backbone', 'resnet101')}, C={kwargs.get('channels', 256)})",
-                           lambda: FoRNet(**kwargs)), ("DeepLabV3-ResNet101 (torchvision)", deeplab)],
-                         args.size, device, amp_dtype, args.warmup, args.runs)
-        print(f"1×3×{args.size[0]}×{args.size[1]} on {device.type} | amp {args.amp} | {args.warmup} warm-up + "
-              f"{args.runs} timed runs | torch {torch.__version__}")
-        print(f"{'model':<36}{'params (M)':>11}{'GMACs':>10}{'latency (ms)':>14}{'FPS':>8}{'peak mem (GiB)':>16}")
-        for name, params, gmacs, ms, fps, mem in rows:
-            print(f"{name:<36}{params:>11.2f}{gmacs:>10.1f}{ms:>14.1f}{fps:>8.2f}{mem:>16.2f}".replace("nan", "  -"))
-        return rows
+        return benchmark(args, device, amp_dtype)
 
     model, config = load_model(args.ckpt)
     if config["model"].get("num_classes", 19) != len(CLASSES):
@@ -367,11 +348,11 @@ def main(args):
           + f" | boundary F @{args.bf_tol}px {pct(bf.nanmean().item())}")
 
     nan_none = lambda v: None if math.isnan(v) else v  # noqa: E731
+    per_class = lambda values: {n: nan_none(v) for n, v in zip(CLASSES, values.tolist())}  # noqa: E731
     metrics = {"mIoU": nan_none(result["miou"]), "pixel_acc": result["acc"], "thin_mIoU": nan_none(thin),
-               "IoU": {n: nan_none(v) for n, v in zip(CLASSES, iou.tolist())},
-               "trimap_mIoU": {str(d): nan_none(v) for d, v in hr["trimap"].items()},
+               "IoU": per_class(iou), "trimap_mIoU": {str(d): nan_none(v) for d, v in hr["trimap"].items()},
                "boundary_F": nan_none(bf.nanmean().item()), "boundary_F_tol_px": args.bf_tol,
-               "boundary_F_per_class": {n: nan_none(v) for n, v in zip(CLASSES, bf.tolist())}, "images": len(dataset),
+               "boundary_F_per_class": per_class(bf), "images": len(dataset),
                **{k: vars(args)[k] for k in ("ckpt", "split", "mode", "crop", "stride", "scales", "flip", "amp")}}
     if args.json:
         Path(args.json).write_text(json.dumps(metrics, indent=2))

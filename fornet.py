@@ -7,7 +7,7 @@ meant to be read next to the paper. Sections follow the paper's order:
     2. Objective   (Sec. 3.6, Eq. (9)-(10))
     3. Data        (Sec. 4.1: Cityscapes, augmentation; a synthetic toy set)
     4. Metric      (Cityscapes mIoU)
-    5. Checkpoints (and the mixed-precision choice both scripts share)
+    5. Checkpoints, and what else both scripts share
 
 "The published model code" below means the model and loss files once published under `fornet/`
 in github.com/henrychan0719/FoR-Net (the repository's current history holds only a README that
@@ -51,7 +51,7 @@ class GroupNorm(nn.GroupNorm):
     Why: CUDA autocast puts group_norm on its float32 list (CPU autocast does not). Under bf16
     autocast every GN would then turn its bf16 input into a float32 output, the in-place ReLU
     after it would keep that float32 tensor for backward, and the next conv a bf16 copy of it
-    again: AMP would need more activation memory than float32 (README, "Memory"). Here autocast
+    again: AMP would need more activation memory than float32 (README, "Performance"). Here autocast
     is switched off and the affine parameters are cast to the input's dtype instead; the CUDA
     kernel still accumulates mean and variance in float32. Outside autocast, with float32
     inputs, this is exactly nn.GroupNorm.
@@ -65,11 +65,11 @@ class GroupNorm(nn.GroupNorm):
 
 
 def norm_layer(C, kind="gn"):
-    """GroupNorm with 32 groups (Sec. 3.1), or BatchNorm for `norm="bn"`.
+    """GroupNorm (Sec. 3.1: every BatchNorm replaced by GroupNorm), or BatchNorm for `norm="bn"`.
 
-    Paper is silent on channel counts that 32 does not divide (the decoder's 48-wide F_low
-    projection): we use gcd(32, C) groups, i.e. the largest power of two <= 32 dividing C.
-    The GroupNorm is our subclass that keeps bf16/fp16 activations in half precision under AMP.
+    Paper is silent on the number of groups: 32, the GroupNorm paper's default, and gcd(32, C)
+    where 32 does not divide C (the decoder's 48-wide F_low projection: 16 groups). The
+    GroupNorm is our subclass above, which keeps bf16/fp16 activations in half precision under AMP.
     """
     if kind == "gn":
         return GroupNorm(math.gcd(32, C), C)
@@ -632,7 +632,7 @@ class ConfusionMatrix:
 
 
 # ======================================================================================
-# 5. Checkpoints, and the mixed-precision choice both scripts share
+# 5. Checkpoints, and what else both scripts share (mixed precision, memory)
 # ======================================================================================
 
 
@@ -646,6 +646,19 @@ def resolve_amp(amp, device):
     if amp == "auto":
         amp = "off" if device.type != "cuda" else "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"
     return amp, {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
+
+
+def peak_memory(device, reset=False):
+    """GiB since the last reset: CUDA's allocator peak on a GPU; on a CPU the process's peak RSS (Linux)."""
+    if device.type == "cuda":
+        if reset:
+            torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    if not Path("/proc/self/status").exists():
+        return math.nan
+    if reset:
+        Path("/proc/self/clear_refs").write_text("5")  # 5: reset the peak RSS to the current RSS
+    return int(re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text())[1]) / 2**20
 
 
 def save_checkpoint(checkpoint, path):

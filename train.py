@@ -12,8 +12,6 @@ poly power 0.9, weight decay 0.01, scale range 0.5-2, mixed precision (bf16, or 
 import argparse
 import math
 import os
-import re
-import resource
 import sys
 import time
 from pathlib import Path
@@ -26,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.flop_counter import FlopCounterMode
 
 from fornet import (Cityscapes, ConfusionMatrix, DataError, FoRNet, FoRNetLoss, TrainTransform, load_checkpoint,
-                    make_toy_cityscapes, normalize, resolve_amp, save_checkpoint)
+                    make_toy_cityscapes, normalize, peak_memory, resolve_amp, save_checkpoint)
 
 MODEL, LOSS = FoRNet.__init__.__kwdefaults__, FoRNetLoss.__init__.__kwdefaults__  # the paper's values live there
 # --toy changes these defaults (flags given on the command line still win): a ResNet-50 with a
@@ -143,20 +141,6 @@ def validate(model, dataset, device, rank=0, world=1):
     cm.reduce()
     model.train()
     return cm.compute()
-
-
-def peak_memory(device, reset=False):
-    """GiB: CUDA's allocator peak on a GPU; on a CPU the process's peak RSS (reset via /proc on Linux)."""
-    if device.type == "cuda":
-        if reset:
-            torch.cuda.reset_peak_memory_stats(device)
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    status = Path("/proc/self/status")
-    if not status.exists():
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    if reset:
-        Path("/proc/self/clear_refs").write_text("5")  # 5 = reset the peak RSS to the current RSS
-    return int(re.search(r"VmHWM:\s+(\d+) kB", status.read_text())[1]) / 2**20
 
 
 def benchmark(args, device, amp_dtype):
