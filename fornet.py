@@ -312,6 +312,9 @@ def boundary_map(target, size, *, ignore_index=IGNORE):
     the void class is not an object); a cell of the h×w grid is a boundary cell (B = 1) when it
     contains a boundary pixel, so B is binary and about one cell wide on each side of an edge.
     `valid` marks cells that contain at least one labelled pixel; L_sel averages over those.
+    Deviation from the published model code (not from the paper): that code widened the edges
+    by 2 cells with soft weights 1 / 0.5 / 0.25; the paper describes only "a boundary map" under
+    a BCE, which we read literally (README, "Why our B differs").
     """
     valid = (target != ignore_index).unsqueeze(1)  # (B, 1, H, W)
     t = target.unsqueeze(1).float()  # (B, 1, H, W)
@@ -371,10 +374,9 @@ class FoRNetLoss(nn.Module):
         N = self.num_classes
         logits, sel, target = logits.float(), sel.float(), target.long()
         valid = target != self.ignore_index  # (B, H, W)
-        t = target[valid]  # (V,) labels of the labelled pixels
+        index = target.masked_fill(~valid, 0)  # (B, H, W) the label (class 0 where ignored, then weighted 0)
         log_P = logits.log_softmax(1)  # (B, N, H, W) log class probabilities
-        index = target.masked_fill(~valid, 0).unsqueeze(1)  # (B, 1, H, W) the label (any class where ignored)
-        log_P_t = log_P.gather(1, index).squeeze(1)[valid]  # (V,) log-probability of the true class
+        log_P_t = log_P.gather(1, index.unsqueeze(1)).squeeze(1) * valid  # (B, H, W) log P of the label; 0 if ignored
 
         # L_CE: Σ -log P_t over labelled pixels / their count (an all-ignore batch gives 0, not NaN).
         ce_sum = -log_P_t.sum()
@@ -383,9 +385,11 @@ class FoRNetLoss(nn.Module):
         # (2·Σ P_c·T_c + 1) / (Σ P_c + Σ T_c + 1) with T the one-hot target, never built: Σ P_c·T_c
         # adds up P_t per label, Σ T_c counts labels. Paper is silent on the variant; smoothing 1,
         # 1 - Dice averaged over the classes present in the target, as in the published model code.
-        inter = torch.zeros(N, device=logits.device).index_add(0, t, log_P_t.exp())  # (N,) Σ P_c·T_c
+        # (Masks multiply rather than index, so no step waits for the GPU to count pixels.)
+        by_label = lambda x: torch.zeros(N, device=x.device).index_add(0, index.flatten(), x.flatten())  # noqa: E731
+        inter = by_label(log_P_t.exp() * valid)  # (N,) Σ P_c·T_c
         p_sum = torch.einsum("bnhw,bhw->n", log_P.exp(), valid.float())  # (N,) Σ P_c over labelled pixels
-        t_sum = torch.bincount(t, minlength=N).float()  # (N,) Σ T_c
+        t_sum = by_label(valid.float())  # (N,) Σ T_c
 
         # Eq. (9): L_sel = BCE(S, B), on logits (numerically safe under AMP), labelled cells only.
         B_map, cell_valid = boundary_map(target, sel.shape[-2:], ignore_index=self.ignore_index)  # (B, 1, h, w) each
@@ -439,13 +443,17 @@ class DataError(Exception):
 def to_train_ids(label_ids):
     """Official labelIds (0..33) -> trainIds (0..18, 255 = ignore); -1 for a value that is no id.
     A tensor or a NumPy array in, the same kind out (int64)."""
-    return ID_LUT.numpy()[label_ids] if isinstance(label_ids, np.ndarray) else ID_LUT[label_ids.long()]
+    if isinstance(label_ids, np.ndarray):
+        return ID_LUT.numpy()[label_ids]
+    return ID_LUT.to(label_ids.device)[label_ids.long()]
 
 
 def to_label_ids(train_ids):
     """trainIds (0..18; 255 -> 0 'unlabeled') -> official labelIds: what the benchmark reads.
     A tensor or a NumPy array in, the same kind out (int64)."""
-    return LABEL_ID_LUT.numpy()[train_ids] if isinstance(train_ids, np.ndarray) else LABEL_ID_LUT[train_ids.long()]
+    if isinstance(train_ids, np.ndarray):
+        return LABEL_ID_LUT.numpy()[train_ids]
+    return LABEL_ID_LUT.to(train_ids.device)[train_ids.long()]
 
 
 def read_image(path, mode=None):

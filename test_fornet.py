@@ -330,6 +330,8 @@ def test_id_mapping_is_the_official_one():
     assert (train_ids != 255).sum() == 19
     assert torch.equal(to_train_ids(to_label_ids(torch.arange(19))), torch.arange(19))
     assert ID_LUT[34] == -1 and ID_LUT[255] == 255  # not an id; license plate (-1 as uint8)
+    on_meta = torch.zeros(3, dtype=torch.long, device="meta")  # stands in for a GPU: the tables follow the input
+    assert to_label_ids(on_meta).device == on_meta.device and to_train_ids(on_meta).device == on_meta.device
 
 
 def test_loader_pairs_and_maps(toy):
