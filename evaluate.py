@@ -1,11 +1,9 @@
 """Evaluate a FoR-Net checkpoint on Cityscapes: per-class IoU, mIoU, pixel accuracy, hard regions.
 
-    python evaluate.py --ckpt runs/fornet/best.pt                       # val split, whole image
-    python evaluate.py --ckpt best.pt --mode slide --crop 768 --stride 512
-    python evaluate.py --ckpt best.pt --scales 0.75 1 1.25 1.5 --flip    # multi-scale + flip
-    python evaluate.py --ckpt best.pt --save-pred preds/ --save-color vis/ --json val.json
-    python evaluate.py --ckpt best.pt --images photo.jpg folder/ --save-color out/   # your own pictures, no labels
-    python evaluate.py --benchmark --ckpt best.pt --size 1024 2048      # vs DeepLabV3-R101, no data
+    python evaluate.py --ckpt runs/fornet/best.pt                          # val split, whole image, float32
+    python evaluate.py --ckpt best.pt --scales 0.75 1 1.25 1.5 --flip       # or --mode slide: see --help
+    python evaluate.py --ckpt best.pt --images photo.jpg folder/ --save-color out/   # your own pictures
+    python evaluate.py --benchmark --size 1024 2048                         # vs DeepLabV3-R101, no data
 
 mIoU is computed as the official Cityscapes script does: one confusion matrix over the whole
 split at the labels' full resolution, IoU = TP/(TP+FP+FN), the mean over classes that occur.
@@ -47,7 +45,7 @@ def get_args(argv=None):
     g.add_argument("--flip", action="store_true", help="add horizontally flipped passes (softmax averaged)")
     g.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="off",
                    help="off (default): float32, as published numbers are; auto/bf16/fp16 for speed (auto as in train.py)")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     g = p.add_argument_group("hard regions")
     g.add_argument("--trimap", type=int, nargs="+", default=[3, 5, 10], help="mIoU within d px of a GT boundary")
     g.add_argument("--bf-tol", type=int, default=3, help="boundary F-score: match tolerance in px")
@@ -125,7 +123,7 @@ def predict(model, image, *, mode="whole", crop=768, stride=512, scales=(1.0,), 
 
 def gt_boundary(target):
     """(H, W) trainIds -> (H, W) bool: labelled pixels with a different labelled trainId among their 8 neighbours."""
-    return boundary_map(target[None], target.shape[-2:])[0][0, 0] > 0  # full size: adaptive pooling = identity
+    return boundary_map(target[None], target.shape[-2:], band=0)[0][0, 0] > 0  # full size, not widened
 
 
 def dilate(mask, d):
@@ -208,13 +206,13 @@ def save_color(path, image, pred, sel, ratios):
     grid = torch.cat([torch.cat([rgb, color], 2), torch.cat([0.4 * rgb + 0.6 * heat, masks], 2)], 1)  # (3, 2H, 2W)
     picture = Image.fromarray((grid * 255).round().byte().permute(1, 2, 0).numpy())
     draw, font = ImageDraw.Draw(picture), ImageFont.load_default(size=max(10, H // 20))  # Pillow ≥ 10.1
-    white, legend = (255, 255, 255), [(f"{r:.0%}", MASK_COLORS[i % 4]) for i, r in enumerate(ratios)]
-    for (x, y), items in (((0, 0), [("image", white)]), ((W, 0), [("prediction", white)]),
-                          ((0, H), [("S = sigmoid(sel)", white)]), ((W, H), [("Top-K masks:", white)] + legend)):
+    legend = [("Top-K masks:", "white")] + [(f"{r:.0%}", MASK_COLORS[i % 4]) for i, r in enumerate(ratios)]
+    for (x, y), items in (((0, 0), [("image", "white")]), ((W, 0), [("prediction", "white")]),
+                          ((0, H), [("S = sigmoid(sel)", "white")]), ((W, H), legend)):
         x += 3
         for text, fill in items:
             box = draw.textbbox((x, y + 2), text, font=font)
-            draw.rectangle(box, fill=(0, 0, 0))
+            draw.rectangle(box, fill="black")
             draw.text((x, y + 2), text, fill=fill, font=font)
             x = box[2] + 4
     picture.save(path)
@@ -281,6 +279,8 @@ def own_images(model, args, device, amp_dtype):
              (sorted(f for f in p.iterdir() if f.suffix.lower() in (".png", ".jpg", ".jpeg")) if p.is_dir() else [p])]
     if not paths:
         raise DataError(f"no .png/.jpg/.jpeg images in {' '.join(args.images)}")
+    if len({p.stem for p in paths}) < len(paths):  # outputs are named by stem: one would overwrite another
+        raise DataError("two inputs share a file name (without extension): rename one or run them apart")
     failed, t0 = [], time.time()
     for i, path in enumerate(paths):
         try:

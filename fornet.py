@@ -12,8 +12,8 @@ meant to be read next to the paper. Sections follow the paper's order:
 "The published model code" below means the model and loss files once published under `fornet/`
 in github.com/henrychan0719/FoR-Net (the repository's current history holds only a README that
 announces the code). It builds the same layout as ours, with BatchNorm, and counts the same
-50.17 M parameters. Where the paper is silent we follow that code and say so; the one open point where
-we differ (the selector's target B) is marked at `boundary_map`.
+50.17 M parameters. Where the paper is silent we follow that code and say so; where we differ
+(GroupNorm, which the paper asks for; Top-K ties; an all-ignore batch) the docstring says so.
 
 Shape legend, used in every trailing shape comment:
     B      batch size
@@ -36,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as TF  # `F` is the paper's feature map
 import torchvision
 import torchvision.transforms.v2.functional as TVF
-from PIL import Image
+from PIL import Image, ImageOps
 
 IGNORE = 255  # Cityscapes convention: trainId 255 = ignore / void
 
@@ -96,7 +96,8 @@ def topk_mask(scores, ratio):
     ~9), so ranking S would tie confident locations and pick them by position. Ranking is done in
     float32 with a stable sort, so remaining ties are broken by position identically for every
     ratio: masks of the same scores with growing ratios are nested (M_0.1 ⊂ M_0.2 ⊂ ...), as in
-    the published model code. Not differentiable; FoRNet adds a straight-through gradient on top.
+    the published model code (which also ranks the logits, with torch.topk, whose tie order is
+    unspecified). Not differentiable; FoRNet adds a straight-through gradient on top.
     """
     assert scores.dim() == 4 and scores.shape[1] == 1, f"scores must be (B, 1, h, w), got {tuple(scores.shape)}"
     assert 0.0 < ratio <= 1.0, f"Top-K ratio must be in (0, 1], got {ratio}"
@@ -219,7 +220,8 @@ class FoRNet(nn.Module):
         self.reduce = conv_norm_act(2048, channels, 1, norm=norm)
         self.selector = Selector(channels, norm=norm)
         self.context = GlobalContext(channels)
-        # C_i of Eq. (6): kernels 1, 3, 5, 7; only the 7×7 branch is dilated (Sec. 4.5).
+        # C_i of Eq. (6): kernels 1, 3, 5, 7; only the 7×7 branch is dilated (Sec. 4.5). Paper is silent
+        # on what follows the convolution: norm + ReLU, as in the published model code.
         self.branches = nn.ModuleList(
             conv_norm_act(channels, channels, k, dilation=dilation if k == 7 else 1, norm=norm) for k in kernels)
         self.decoder = Decoder(channels, 256, num_classes, norm=norm)
@@ -243,6 +245,7 @@ class FoRNet(nn.Module):
             F_agg = F_agg + F_i  # Eq. (7): F_agg = F + Σ_i F_i
 
         Y = self.decoder(F_agg, F_low)  # (B, N, H4, W4)   Eq. (8)
+        # Paper is silent on how Y reaches the input size: bilinear, in float32, as in the published model code.
         logits = TF.interpolate(Y.float(), size=x.shape[-2:], mode="bilinear", align_corners=False)  # (B, N, H, W)
         return logits, sel
 
@@ -254,10 +257,10 @@ def load_backbone(resnet, pretrained, arch):
     pretrained = a path: a .pth holding a state dict, bare or under "state_dict"/"model", with
       torchvision names or OpenMMLab/Detectron names (`gn1` for `bn1`, prefix `backbone.`).
 
-    BN weights into GN (what the paper's set-up implies, and what the published model code does
-    by default with `ResNet101_Weights`): conv weights load unchanged, a BN layer's affine
-    scale/shift load into the GN layer's, and its running statistics are dropped, since GN has
-    none. GN normalises over channel groups of each image where BN used frozen batch
+    BN weights into GN (what the paper's set-up implies: an ImageNet ResNet-101 whose BN layers
+    are replaced by GN; the published model code, which keeps BN, loads the same torchvision
+    weights into BN): conv weights load unchanged, a BN layer's affine scale/shift load into the
+    GN layer's, and its running statistics are dropped, since GN has none. GN normalises over channel groups of each image where BN used frozen batch
     statistics, so the loaded network is not the one ImageNet trained: fine-tuning starts from
     perturbed features. GN-pretrained weights avoid this (e.g. OpenMMLab's `resnet101_gn`,
     converted from Detectron), as does `norm="bn"`.
@@ -302,19 +305,19 @@ def load_backbone(resnet, pretrained, arch):
 # ======================================================================================
 
 
-def boundary_map(target, size, *, ignore_index=IGNORE):
+def boundary_map(target, size, *, band=2, ignore_index=IGNORE):
     """Boundary map B for L_sel, Eq. (9), built from ground-truth trainIds.
 
-    target (B, H, W) int64 -> (B_map (B, 1, h, w), valid (B, 1, h, w)), both float32 in {0, 1},
+    target (B, H, W) -> (B_map (B, 1, h, w) in [0, 1], valid (B, 1, h, w) in {0, 1}), float32,
     at `size` = (h, w), the selector's grid.
-    Paper is silent on B's width and resolution. Our choice: a pixel is a boundary pixel when
-    a different *valid* label lies in its 3×3 neighbourhood (edges against ignore do not count:
-    the void class is not an object); a cell of the h×w grid is a boundary cell (B = 1) when it
-    contains a boundary pixel, so B is binary and about one cell wide on each side of an edge.
-    `valid` marks cells that contain at least one labelled pixel; L_sel averages over those.
-    Deviation from the published model code (not from the paper): that code widened the edges
-    by 2 cells with soft weights 1 / 0.5 / 0.25; the paper describes only "a boundary map" under
-    a BCE, which we read literally (README, "Why our B differs").
+    Paper is silent on B beyond "a boundary map constructed from ground truth labels"; as in the
+    published model code: a pixel is a boundary pixel when a different *valid* label lies in its
+    3×3 neighbourhood (edges against ignore do not count: the void class is not an object); a
+    cell of the h×w grid that holds one gets B = 1, and a cell k ≤ `band` cells away from such a
+    cell (Chebyshev) gets 0.5^k, so the target is graded over the 10-40 % of cells the Top-K masks
+    select, not only the few boundary cells (README, "The selector's target B").
+    `valid` marks cells that hold a labelled pixel; B is 0 elsewhere and L_sel averages over them.
+    With size = (H, W) and band = 0, B_map is the boundary pixels themselves (evaluate.py uses that).
     """
     valid = (target != ignore_index).unsqueeze(1)  # (B, 1, H, W)
     t = target.unsqueeze(1).float()  # (B, 1, H, W)
@@ -322,8 +325,12 @@ def boundary_map(target, size, *, ignore_index=IGNORE):
     nb_max = TF.max_pool2d(torch.where(valid, t, -1.0), 3, stride=1, padding=1)  # (B, 1, H, W) largest valid label around
     nb_min = -TF.max_pool2d(torch.where(valid, -t, -big), 3, stride=1, padding=1)  # (B, 1, H, W) smallest valid label around
     edge = (valid & (nb_max != nb_min)).float()  # (B, 1, H, W)
-    B_map = TF.adaptive_max_pool2d(edge, size)  # (B, 1, h, w)
-    return B_map, TF.adaptive_max_pool2d(valid.float(), size)  # (B, 1, h, w) each
+    B_map = near = TF.adaptive_max_pool2d(edge, size)  # (B, 1, h, w) 1 on boundary cells
+    for k in range(1, band + 1):
+        near = TF.max_pool2d(near, 3, stride=1, padding=1)  # (B, 1, h, w) within k cells of a boundary cell
+        B_map = torch.maximum(B_map, 0.5**k * near)
+    cell_valid = TF.adaptive_max_pool2d(valid.float(), size)  # (B, 1, h, w)
+    return B_map * cell_valid, cell_valid
 
 
 def all_ranks_sum(x):
@@ -357,7 +364,8 @@ class FoRNetLoss(nn.Module):
 
     loss_fn(logits (B, N, H, W), sel (B, 1, h, w), target (B, H, W) trainIds) -> (total, parts),
     parts = {"ce", "dice", "sel"} (detached, for logging). Each term is a ratio of sums over the
-    labelled pixels (cells for L_sel), in float32; a batch with no labelled pixel gives 0. Under
+    labelled pixels (cells for L_sel), in float32; a batch with no labelled pixel gives 0
+    (Deviation from the published model code, whose L_Dice is 1 there). Under
     torch.distributed the sums are added over all ranks before any ratio is taken
     (`all_ranks_sum`), so w GPUs × b images optimise exactly what 1 GPU × w·b images does.
     Paper is silent on λ1, λ2: 1.0 and 0.5, as in the published model code.
@@ -461,6 +469,7 @@ def read_image(path, mode=None):
     if one is given; DataError naming the file if it cannot be read as an image."""
     try:
         with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)  # photos stored rotated, with an EXIF orientation tag
             return torch.from_numpy(np.array(im if mode is None else im.convert(mode)))
     except (OSError, ValueError) as e:  # missing, a folder, truncated, not an image
         raise DataError(f"cannot read {path}: {e}") from None
@@ -512,9 +521,12 @@ class Cityscapes(torch.utils.data.Dataset):
 
 
 def normalize(image):
-    """The network's input: uint8 RGB (..., 3, H, W) -> float32 with ImageNet mean/std, on the image's device."""
-    mean, std = MEAN.to(image.device)[:, None, None], STD.to(image.device)[:, None, None]
-    return (image.float() / 255 - mean) / std if image.dtype == torch.uint8 else (image - mean) / std
+    """The network's input: RGB (..., 3, H, W), uint8 or float in [0, 1] -> float32 with ImageNet mean/std.
+    Runs on the image's device with Python scalars (no host-to-GPU copy, so no wait for the GPU)."""
+    x = image.float() / 255 if image.dtype == torch.uint8 else image.float().clone()
+    for c, (mean, std) in enumerate(zip(MEAN.tolist(), STD.tolist())):
+        x[..., c, :, :].sub_(mean).div_(std)
+    return x
 
 
 class TrainTransform:
@@ -535,12 +547,13 @@ class TrainTransform:
     def __call__(self, image, target):
         s = torch.empty(()).uniform_(*self.scale).item()
         H, W = target.shape
-        h, w = min(H, round(self.crop / s)), min(W, round(self.crop / s))  # source window
-        top = torch.randint(0, H - h + 1, ()).item()
-        left = torch.randint(0, W - w + 1, ()).item()
-        size = [min(self.crop, round(h * s)), min(self.crop, round(w * s))]  # the window once scaled
-        image = TVF.resize(image[:, top:top + h, left:left + w], size, antialias=True)  # (3, h', w') bilinear
-        target = TVF.resize(target[None, top:top + h, left:left + w], size, TVF.InterpolationMode.NEAREST_EXACT)[0]  # (h', w')
+        size = [min(self.crop, round(L * s)) for L in (H, W)]  # the window once scaled: crop², or the scaled image
+        win_h, win_w = [L if n < self.crop else min(L, round(self.crop / s)) for L, n in zip((H, W), size)]  # its source
+        top = torch.randint(0, H - win_h + 1, ()).item()
+        left = torch.randint(0, W - win_w + 1, ()).item()
+        image = TVF.resize(image[:, top:top + win_h, left:left + win_w], size, antialias=True)  # (3, *size) bilinear
+        target = TVF.resize(target[None, top:top + win_h, left:left + win_w], size,
+                            TVF.InterpolationMode.NEAREST_EXACT)[0]  # (*size)
         fill = MEAN if image.is_floating_point() else (MEAN * 255).round()
         out = fill.to(image.dtype)[:, None, None].repeat(1, self.crop, self.crop)  # (3, crop, crop)
         out[:, :size[0], :size[1]] = image
@@ -559,7 +572,7 @@ def make_toy_cityscapes(root, *, n_train=48, n_val=12, size=(128, 256), seed=0):
     and a per-image brightness change. Returns root. Deterministic in `seed`.
     """
     from pathlib import Path
-    from PIL import Image
+    from PIL import Image, ImageOps
     g = torch.Generator().manual_seed(seed)
 
     def rand(lo, hi):  # an integer in [lo, hi)

@@ -51,15 +51,12 @@ def test_batched_equals_per_sample():
             torch.testing.assert_close(si, sel[i:i + 1], rtol=1e-4, atol=1e-4)
 
 
-def test_seven_by_seven_branch_dilation_and_S_range():
+def test_seven_by_seven_branch_dilation():
     model = small_model(dilation=4)
     convs = [branch[0] for branch in model.branches]
     assert [c.kernel_size[0] for c in convs] == [1, 3, 5, 7]
     assert [c.dilation[0] for c in convs] == [1, 1, 1, 4]
     assert FoRNet(backbone="resnet50").branches[3][0].dilation == (16, 16)  # the paper's best
-    _, sel = model.eval()(torch.randn(2, 3, 40, 40))
-    S = sel.sigmoid()
-    assert S.min() >= 0 and S.max() <= 1
 
 
 def test_selector_logits_are_float32_under_bf16_autocast():
@@ -174,9 +171,15 @@ def test_boundary_map_on_hand_made_labels():
     # cells are 8×8: the edge lies in both columns of cells; the top cells still hold labelled pixels
     assert B_map.tolist() == [[[[1.0, 1.0], [1.0, 1.0]]]]
     assert valid.tolist() == [[[[1.0, 1.0], [1.0, 1.0]]]]
-    B4, _ = boundary_map(target, (4, 4))
+    B4, valid4 = boundary_map(target, (4, 4), band=0)
     assert B4[0, 0, 1:].tolist() == [[0, 1, 1, 0]] * 3  # only cells touching the edge
-    assert B4[0, 0, 0].sum() == 0  # ignored rows: no boundary against void
+    assert B4[0, 0, 0].sum() == 0 and valid4[0, 0, 0].sum() == 0  # ignored rows: no boundary against void
+    wide = torch.zeros(1, 8, 64, dtype=torch.long)
+    wide[:, :, 32:] = 1  # cells of 8×8: the edge touches cells 3 and 4 of 8
+    assert boundary_map(wide, (1, 8))[0].flatten().tolist() == [0, 0.25, 0.5, 1, 1, 0.5, 0.25, 0]  # band 2: 1/2^k
+    assert boundary_map(wide, (1, 8), band=1)[0].flatten().tolist() == [0, 0, 0.5, 1, 1, 0.5, 0, 0]
+    pixels = boundary_map(wide, (8, 64), band=0)[0][0, 0]  # full size: the boundary pixels themselves
+    assert pixels.sum() == 16 and (pixels[:, 31:33] == 1).all()
     empty = torch.full((1, 16, 16), 255)
     B_e, v_e = boundary_map(empty, (2, 2))
     assert B_e.sum() == 0 and v_e.sum() == 0
@@ -387,6 +390,25 @@ def test_transform_keeps_image_and_label_aligned():
     assert 0 < sum(flipped) < 20  # both flipped and unflipped crops occur
 
 
+def test_uint8_transform_keeps_alignment_and_pads_only_where_the_scaled_image_ends():
+    """The loader's path (uint8 in, uint8 out) at scales ≠ 1: each block's grey level is 10 × its label."""
+    torch.manual_seed(0)
+    target = torch.randint(0, 19, (6, 10)).repeat_interleave(16, 0).repeat_interleave(16, 1).byte()  # (96, 160)
+    image = (target * 10)[None].repeat(3, 1, 1)  # (3, 96, 160) uint8
+    for scale in ((0.7, 2.0), (0.3, 0.6)):
+        for _ in range(20):
+            x, t = TrainTransform(crop=64, scale=scale)(image, target)
+            assert x.dtype == t.dtype == torch.uint8 and x.shape == (3, 64, 64) and t.shape == (64, 64)
+            if scale[0] * 96 >= 64:  # the scaled image covers the crop: not one pixel of padding
+                assert (t != 255).all()
+            t_max = nn.functional.max_pool2d(t[None].float(), 5, 1, 2)[0]
+            t_min = -nn.functional.max_pool2d(-t[None].float(), 5, 1, 2)[0]
+            interior = (t != 255) & (t_max == t_min)
+            interior[:2], interior[-2:], interior[:, :2], interior[:, -2:] = False, False, False, False
+            assert interior.sum() > 50
+            assert (x[0][interior].float() / 10 - t[interior].float()).abs().max() <= 0.1
+
+
 def test_transform_pads_with_ignore():
     image, target = torch.randint(0, 256, (3, 40, 50), dtype=torch.uint8), torch.zeros(40, 50, dtype=torch.uint8)
     x, t = TrainTransform(crop=64, scale=(1, 1))(image, target)
@@ -456,6 +478,7 @@ def test_short_training_run_lowers_loss_and_checkpoints(toy, tmp_path, capsys):
     assert "val 12/12 | mIoU" in log
     last, best = load_checkpoint(tmp_path / "last.pt"), load_checkpoint(tmp_path / "best.pt")
     assert last["iter"] == 12 and last["config"]["data"] == str(Path(toy).resolve()) and "optimizer" in last
+    assert last["config"]["amp"] == "auto"  # the request, resolved anew on the machine that resumes
     assert set(best) == {"model", "config", "iter", "miou"}  # what inference needs, nothing more
     assert (tmp_path / "best.pt").stat().st_size <= 0.45 * (tmp_path / "last.pt").stat().st_size
     model, config = load_model(tmp_path / "best.pt")
@@ -480,7 +503,8 @@ def test_stream_is_a_function_of_seed_epoch_and_position(tmp_path):
 
 def test_resume_continues_exactly_where_the_run_stopped(toy, tmp_path, capsys, monkeypatch):
     """Killed after last.pt at iteration 3 (mid-epoch: 2 iterations per epoch) and resumed, the run logs the
-    same losses as an uninterrupted run: same data order, augmentation, weights, optimizer state and lr."""
+    same losses as an uninterrupted run: same data order, augmentation, weights, optimizer state and lr
+    (and not epoch 0's images again, which would give other losses)."""
     flags = ["--data", str(toy), "--iters", "7", "--save-every", "3", "--log-every", "1", *TINY]
     train.main(train.get_args(flags + ["--out", str(tmp_path / "straight")]))
     straight = losses(capsys.readouterr().out)
@@ -496,7 +520,8 @@ def test_resume_continues_exactly_where_the_run_stopped(toy, tmp_path, capsys, m
     monkeypatch.setattr(train, "poly_lr", real_poly_lr)
     assert load_checkpoint(tmp_path / "killed" / "last.pt")["iter"] == 3
     capsys.readouterr()
-    train.main(train.get_args(["--resume", str(tmp_path / "killed" / "last.pt")]))
+    # resumed with 2 loader processes where the first run had none: augmentation is seeded per image, not per worker
+    train.main(train.get_args(["--resume", str(tmp_path / "killed" / "last.pt"), "--workers", "2"]))
     log = [line for line in capsys.readouterr().out.splitlines() if line.startswith("iter ")]
     assert log[0].startswith("iter 4/7") and f"lr {real_poly_lr(3, 7, 1e-3):.2e}" in log[0]
     assert losses("\n".join(log)) == straight[3:]

@@ -5,9 +5,10 @@
     python train.py --toy                                             # synthetic demo, CPU, < 5 min
     python train.py --benchmark [--data /path/to/cityscapes]          # cost per step vs DeepLabV3; no data needed
 
-Recipe (Sec. 4.1): ResNet-101 from ImageNet weights, AdamW lr 1e-4, batch 8, crop 768, 200 epochs, random
+Recipe (Sec. 3.1, 4.1): ResNet-101 with GroupNorm, AdamW lr 1e-4, batch 8, crop 768, 200 epochs, random
 scale / crop / flip, poly schedule, CE + Dice + selector loss. Our choices where the paper is silent (README):
-poly power 0.9, weight decay 0.01, scale range 0.5-2, mixed precision (bf16, or fp16 on older GPUs).
+torchvision's ImageNet weights to start from, poly power 0.9, weight decay 0.01, scale range 0.5-2, mixed
+precision (bf16, or fp16 on older GPUs).
 """
 import argparse
 import math
@@ -44,7 +45,7 @@ def get_args(argv=None):
                    help="random scale range (paper is silent; 0.5 2.0, the common practice)")
     g.add_argument("--workers", type=int, default=8, help="data-loading processes per GPU")
     g = p.add_argument_group("model")
-    g.add_argument("--backbone", choices=("resnet101", "resnet50"), default="resnet101")
+    g.add_argument("--backbone", choices=("resnet101", "resnet50"), default="resnet101", help="Sec. 3.1: resnet101")
     g.add_argument("--pretrained", default="imagenet",
                    help="imagenet (torchvision's weights, downloaded once) | none (from scratch) | PATH to a .pth")
     g.add_argument("--norm", choices=("gn", "bn"), default="gn", help="gn = the paper; bn = deviation for BN weights")
@@ -73,12 +74,14 @@ def get_args(argv=None):
     g.add_argument("--save-every", type=int, default=1000, help="write last.pt every N iterations")
     g.add_argument("--log-every", type=int, default=20, help="print a log line every N iterations")
     g.add_argument("--resume", help="continue the run in this last.pt; flags given here win over the stored ones")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--seed", type=int, default=0, help="model init, data order and augmentation")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     g = p.add_argument_group("benchmark")
     g.add_argument("--benchmark", action="store_true", help="time training steps on random data, vs DeepLabV3")
     g.add_argument("--bench-iters", type=int, default=10, help="timed steps (after 3 warm-up steps)")
     args = p.parse_args(argv)
+    if args.dilation < 1 or not all(0 < r <= 1 for r in args.ratios):
+        p.error("--dilation must be ≥ 1 (Table 2's '0 (no dilation)' is --dilation 1) and each of --ratios in (0, 1]")
     for action in p._actions:  # parsed again without defaults: the flags this command line gives
         action.default = argparse.SUPPRESS
     args.explicit = set(vars(p.parse_args(argv)))
@@ -130,22 +133,23 @@ class Seeded(torch.utils.data.Dataset):
 
 
 @torch.no_grad()
-def validate(model, dataset, device, rank=0, world=1):
+def validate(model, dataset, device, rank=0, world=1, workers=0):
     """Whole-image mIoU on `dataset` in float32 (as evaluate.py's default), each rank taking every world-th image."""
     model.eval()
     cm = ConfusionMatrix()
-    for i in range(rank, len(dataset), world):
-        image, target = dataset[i]  # (3, H, W) uint8, (H, W)
-        logits, _ = model(normalize(image[None].to(device)))  # (1, N, H, W)
+    mine = torch.utils.data.Subset(dataset, range(rank, len(dataset), world))
+    for image, target in torch.utils.data.DataLoader(mine, batch_size=None, num_workers=workers):
+        logits, _ = model(normalize(image[None].to(device)))  # (1, N, H, W)   image (3, H, W) uint8
         cm.update(logits.argmax(1)[0], target.to(device))
     cm.reduce()
     model.train()
     return cm.compute()
 
 
-def benchmark(args, device, amp_dtype):
+def benchmark(args, device):
     """Training steps on random data, FoR-Net (our loss) vs torchvision's DeepLabV3 (cross-entropy), same settings."""
     B, size = args.batch_size, (args.crop, args.crop)
+    amp, amp_dtype = resolve_amp(args.amp, device)
     deeplab = getattr(torchvision.models.segmentation, f"deeplabv3_{args.backbone}")
     fornet_loss = FoRNetLoss(lambda_dice=args.lambda_dice, lambda_sel=args.lambda_sel)
     models = [(f"FoR-Net ({args.backbone})", lambda: FoRNet(**model_kwargs(args)), lambda out, y: fornet_loss(*out, y)[0]),
@@ -153,7 +157,7 @@ def benchmark(args, device, amp_dtype):
                                                                aux_loss=False),
                lambda out, y: TF.cross_entropy(out["out"], y, ignore_index=255))]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    print(f"{B}×3×{size[0]}×{size[1]} on {device} | amp {args.amp} | 3 warm-up + {args.bench_iters} timed steps | "
+    print(f"{B}×3×{size[0]}×{size[1]} on {device} | amp {amp} | 3 warm-up + {args.bench_iters} timed steps | "
           f"torch {torch.__version__}\n{'model':<22}{'img/s':>8}{'ms/step':>10}{'peak GiB':>10}{'TFLOP/s':>9}"
           f"{f'{args.epochs} epochs (h)':>16}")
     rows = []
@@ -172,8 +176,10 @@ def benchmark(args, device, amp_dtype):
                 t0 = time.perf_counter()
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 out = model(x)
+            loss = loss_of(out, y)
+            assert torch.isfinite(loss)  # the training loop's one host sync per step
             optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss_of(out, y)).backward()
+            scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
         sync()
@@ -211,10 +217,11 @@ def main(args):
     world = int(os.environ.get("WORLD_SIZE", 1))
     if args.batch_size % world:
         raise DataError(f"--batch-size {args.batch_size} is the total over all GPUs: it must be divisible by {world}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise DataError(f"--device {args.device}: no GPU visible (use --device cpu)")
+    torch.backends.cudnn.benchmark = True  # fixed-size crops: cuDNN picks its fastest kernels once
     if args.benchmark:
-        device = torch.device(args.device)
-        args.amp, amp_dtype = resolve_amp(args.amp, device)
-        return benchmark(args, device, amp_dtype)
+        return benchmark(args, torch.device(args.device))
 
     # ---- distributed set-up: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE
     ddp = "RANK" in os.environ
@@ -239,7 +246,6 @@ def main(args):
         raise DataError(f"--data {args.data!r}: no such directory (give the Cityscapes root, or use --toy)")
     args.data = str(Path(args.data).resolve())  # stored in the checkpoint for evaluate.py
     torch.manual_seed(args.seed)
-    torch.backends.cudnn.benchmark = True  # fixed-size crops: cuDNN picks its fastest kernels once
 
     # ---- data: uint8 images and targets from the workers, normalised on the device
     train_set = Cityscapes(args.data, "train", transform=TrainTransform(args.crop, tuple(args.scale)))
@@ -255,10 +261,11 @@ def main(args):
 
     # ---- model, objective, optimiser
     pretrained = None if args.pretrained == "none" or args.resume else args.pretrained
-    if ddp and not master:
-        dist.barrier()  # rank 0 downloads the ImageNet weights into torch's cache first
+    first_on_machine = os.environ.get("LOCAL_RANK", "0") == "0"
+    if ddp and not first_on_machine:
+        dist.barrier()  # one process per machine downloads the ImageNet weights into torch's cache first
     model = FoRNet(**model_kwargs(args), pretrained=pretrained).to(device)
-    if ddp and master:
+    if ddp and first_on_machine:
         dist.barrier()
     loss_fn = FoRNetLoss(num_classes=19, lambda_dice=args.lambda_dice, lambda_sel=args.lambda_sel)
     # Paper is silent on weight decay: applied to conv weights, not to norm parameters or biases.
@@ -266,17 +273,18 @@ def main(args):
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, fused=device.type == "cuda")
-    args.amp, amp_dtype = resolve_amp(args.amp, device)
+    amp, amp_dtype = resolve_amp(args.amp, device)  # args.amp keeps the request ("auto"): a resume decides anew
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)  # a no-op unless fp16
-    best_miou = 0.0
+    best_miou = -math.inf  # the first validation always writes best.pt
     if args.resume:
         try:
             model.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
-            scaler.load_state_dict(ckpt["scaler"])
+            if ckpt["scaler"]:  # empty when the run had no fp16 loss scaling
+                scaler.load_state_dict(ckpt["scaler"])
         except (RuntimeError, ValueError, KeyError) as e:
             raise DataError(f"cannot resume from {args.resume}: {str(e).splitlines()[0]}") from None
-        best_miou = ckpt.get("best_miou", 0.0)
+        best_miou = ckpt.get("best_miou", -math.inf)
     raw_model = model
     if ddp:
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -285,7 +293,7 @@ def main(args):
 
     def run_validation():
         nonlocal best_miou
-        result = validate(raw_model, val_set, device, rank, world)
+        result = validate(raw_model, val_set, device, rank, world, args.workers)
         log(f"val {it}/{iters} | mIoU {result['miou']:.4f} | pixel acc {result['acc']:.4f}")
         if master:
             if result["miou"] > best_miou:  # best.pt: what inference needs, no optimizer state
@@ -302,7 +310,7 @@ def main(args):
     if master:
         Path(args.out).mkdir(parents=True, exist_ok=True)
     log(f"{len(train_set)} train / {len(val_set)} val images | {iters} iterations of {args.batch_size} "
-        f"({iters / iters_per_epoch:.1f} epochs) on {world} × {device.type} | amp {args.amp}")
+        f"({iters / iters_per_epoch:.1f} epochs) on {world} × {device.type} | amp {amp}")
 
     # ---- the loop
     data = iter(loader)
