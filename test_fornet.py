@@ -632,8 +632,11 @@ def test_torchrun_two_processes_optimise_what_one_does(toy, tmp_path):
     assert "on 2 × cpu" in r.stdout and r.stdout.count("val 2/2") == 1  # rank 0 logs
     assert load_checkpoint(tmp_path / "ddp" / "last.pt")["iter"] == 2
     one = run_train(*flags, "--out", tmp_path / "one")
-    # Equal up to float summation order (AdamW's first steps amplify such differences, hence two iterations).
-    assert losses(r.stdout) == pytest.approx(losses(one.stdout), abs=2e-4) and len(losses(r.stdout)) == 2
+    ddp, single = losses(r.stdout), losses(one.stdout)
+    assert len(ddp) == 2 and ddp[0] == pytest.approx(single[0], abs=2e-4)  # the objective: equal (per rank: 0.02 off)
+    # After one AdamW step, whose first update is ≈ lr·sign(g): float-level differences in near-zero gradient
+    # entries flip some signs, so the second loss agrees less closely (the gradients themselves: the test below).
+    assert ddp[1] == pytest.approx(single[1], abs=5e-3)
 
 
 TWO_RANK_LOSS = """
