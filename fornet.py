@@ -571,8 +571,6 @@ def make_toy_cityscapes(root, *, n_train=48, n_val=12, size=(128, 256), seed=0):
     structures, sharp boundaries). Each class is drawn in its palette colour plus texture noise
     and a per-image brightness change. Returns root. Deterministic in `seed`.
     """
-    from pathlib import Path
-    from PIL import Image, ImageOps
     g = torch.Generator().manual_seed(seed)
 
     def rand(lo, hi):  # an integer in [lo, hi)

@@ -1,9 +1,27 @@
 """Tests for the FoR-Net reference: CPU only, small inputs, no network. Run: python -m pytest -q"""
+import itertools
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as TF
+from PIL import Image
+from torch._subclasses.fake_tensor import FakeTensorMode
 
-from fornet import DataError, FoRNet, FoRNetLoss, boundary_map, load_backbone, topk_mask
+import evaluate
+import train
+from evaluate import HardRegions, dilate, get_args, gt_boundary, main, predict
+from fornet import (CLASSES, ID_LUT, MEAN, PALETTE, STD, TRAIN_ID_TO_ID, Cityscapes, ConfusionMatrix, DataError, FoRNet,
+                    FoRNetLoss, GroupNorm, TrainTransform, boundary_map, load_backbone, load_checkpoint, load_model,
+                    make_toy_cityscapes, normalize, read_image, resolve_amp, save_checkpoint, to_label_ids, to_train_ids,
+                    topk_mask)
 
 torch.set_num_threads(2)
 
@@ -300,21 +318,6 @@ def test_load_backbone_imagenet_uses_torchvision_weights_api(monkeypatch):
 
 # ---------------------------------------------------------------- data
 
-import itertools
-import math
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-import numpy as np
-from PIL import Image
-
-import evaluate
-import train
-from fornet import (CLASSES, ID_LUT, MEAN, PALETTE, STD, Cityscapes, ConfusionMatrix, TrainTransform, load_checkpoint,
-                    load_model, make_toy_cityscapes, normalize, read_image, resolve_amp, save_checkpoint, to_label_ids,
-                    to_train_ids)
 
 REPO = Path(__file__).parent
 
@@ -723,10 +726,6 @@ def test_bad_inputs_get_one_clear_line(toy, tmp_path):
 
 # ---------------------------------------------------------------- evaluate.py
 
-import json
-
-from evaluate import HardRegions, get_args, gt_boundary, main, predict
-from fornet import TRAIN_ID_TO_ID
 
 TINY_MODEL = dict(num_classes=19, backbone="resnet50", channels=16)
 
@@ -931,12 +930,6 @@ def test_benchmark_smoke(toy_ckpt, capsys):
 
 
 # ---------------------------------------------------------------- performance
-
-import torch.nn.functional as TF
-from torch._subclasses.fake_tensor import FakeTensorMode
-
-from evaluate import HardRegions, dilate, gt_boundary
-from fornet import ConfusionMatrix, FoRNet, GroupNorm
 
 
 def test_group_norm_equals_nn_group_norm_and_keeps_the_input_dtype():
