@@ -594,10 +594,10 @@ def make_toy_cityscapes(root, *, n_train=48, n_val=12, size=(128, 256), seed=0):
                 t[y0:y0 + rand(H // 12, H // 6), x0:x0 + rand(W // 12, W // 5)] = cls["car"]
                 px = rand(0, W - 4)
                 t[road_top - H // 8:road_top + H // 16, px:px + rand(2, 5)] = cls["person"]
-            for _ in range(rand(2, 5)):  # thin poles (1-3 px) with a sign or a light on top
-                px, top = rand(4, W - 8), rand(H // 10, horizon)
-                t[top:road_top + 2, px:px + rand(1, 4)] = cls["pole"]
-                t[top:top + rand(4, 9), px - 3:px + rand(4, 7)] = cls[("traffic sign", "traffic light")[rand(0, 2)]]
+            for _ in range(rand(3, 7)):  # thin poles (2-5 px, under one stride-8 cell) with a sign or a light on top
+                px, top, w = rand(4, W - 10), rand(H // 10, horizon), rand(2, 6)
+                t[top:road_top + 2, px:px + w] = cls["pole"]
+                t[top:top + rand(4, 9), px - 2:px + w + 2] = cls[("traffic sign", "traffic light")[rand(0, 2)]]
             colours = torch.tensor(PALETTE, dtype=torch.float)[t]  # (H, W, 3)
             noise = torch.randn(H, W, 3, generator=g) * 12 + torch.randn(3, generator=g) * 10
             image = ((colours + noise) * (0.75 + 0.5 * torch.rand((), generator=g))).clamp(0, 255).byte()  # (H, W, 3)
