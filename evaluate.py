@@ -288,8 +288,8 @@ def own_images(model, args, device, amp_dtype):
         except DataError as e:
             print(f"skipped: {e}")
             failed.append(path)
-            continue
-        infer(model, image.to(device), path.stem, args, amp_dtype)
+        else:
+            infer(model, image.to(device), path.stem, args, amp_dtype)
         if (i + 1) % args.log_every == 0 or i + 1 == len(paths):
             print(f"{i + 1}/{len(paths)} images | {(i + 1 - len(failed)) / (time.time() - t0):.2f} img/s")
     if failed:
