@@ -260,9 +260,9 @@ def load_backbone(resnet, pretrained, arch):
     BN weights into GN (what the paper's set-up implies: an ImageNet ResNet-101 whose BN layers
     are replaced by GN; the published model code, which keeps BN, loads the same torchvision
     weights into BN): conv weights load unchanged, a BN layer's affine scale/shift load into the
-    GN layer's, and its running statistics are dropped, since GN has none. GN normalises over channel groups of each image where BN used frozen batch
-    statistics, so the loaded network is not the one ImageNet trained: fine-tuning starts from
-    perturbed features. GN-pretrained weights avoid this (e.g. OpenMMLab's `resnet101_gn`,
+    GN layer's, and its running statistics are dropped, since GN has none. GN normalises over
+    channel groups of each image where BN used frozen batch statistics, so the loaded network is
+    not the one ImageNet trained: fine-tuning starts from perturbed features. GN-pretrained weights avoid this (e.g. OpenMMLab's `resnet101_gn`,
     converted from Detectron), as does `norm="bn"`.
     Raises DataError when the weights cannot be downloaded or read, or match nothing.
     """
