@@ -21,8 +21,9 @@ import torchvision
 from PIL import Image, ImageDraw, ImageFont
 from torch.utils.flop_counter import FlopCounterMode
 
-from fornet import (CLASSES, PALETTE, Cityscapes, ConfusionMatrix, DataError, FoRNet, boundary_map, load_checkpoint,
-                    load_model, normalize, peak_memory, read_image, resolve_amp, to_label_ids, topk_mask)
+from fornet import (CLASSES, PALETTE, Cityscapes, ConfusionMatrix, DataError, FoRNet, boundary_map, environment,
+                    load_checkpoint, load_model, normalize, peak_memory, read_image, resolve_amp, to_label_ids,
+                    topk_masks)
 
 THIN = ("pole", "traffic light", "traffic sign")  # the thin classes reported beside mIoU
 MASK_COLORS = ((255, 40, 40), (255, 150, 0), (255, 255, 0), (0, 200, 255))  # innermost (smallest ratio) first
@@ -36,7 +37,7 @@ def get_args(argv=None):
     g.add_argument("--split", default="val", help="leftImg8bit/<split> to evaluate")
     g.add_argument("--workers", type=int, default=2, help="image-decoding processes")
     g.add_argument("--images", nargs="+", metavar="PATH",
-                   help="your own images (files or folders of .png/.jpg/.jpeg) instead of a split: no labels, no metrics")
+                   help="your own images (files, or folders of .png/.jpg/.jpeg) instead of a split: no metrics")
     g = p.add_argument_group("inference")
     g.add_argument("--mode", choices=("whole", "slide"), default="whole", help="one pass, or crop×crop windows")
     g.add_argument("--crop", type=int, default=768, help="slide: window size (default: the training crop, Sec. 4.1)")
@@ -44,7 +45,8 @@ def get_args(argv=None):
     g.add_argument("--scales", type=float, nargs="+", default=[1.0], help="input scales; softmax averaged over them")
     g.add_argument("--flip", action="store_true", help="add horizontally flipped passes (softmax averaged)")
     g.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="off",
-                   help="off (default): float32, as published numbers are; auto/bf16/fp16 for speed (auto as in train.py)")
+                   help="off (default): float32, as published numbers are; auto/bf16/fp16 for speed (as train.py)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model (compiles anew for each input size)")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     g = p.add_argument_group("hard regions")
     g.add_argument("--trimap", type=int, nargs="+", default=[3, 5, 10], help="mIoU within d px of a GT boundary")
@@ -198,7 +200,7 @@ def save_color(path, image, pred, sel, ratios):
     S = sel.float().sigmoid().cpu()  # (1, 1, h, w)   Eq. (1)
     s = TF.interpolate(S, size=(H, W), mode="bilinear", align_corners=False)[0]  # (1, H, W)
     heat = torch.cat([(3 * s).clamp(0, 1), (3 * s - 1).clamp(0, 1), (3 * s - 2).clamp(0, 1)])  # (3, H, W) black→white
-    level = sum(topk_mask(sel.cpu(), r) for r in ratios)  # (1, 1, h, w): number of masks holding each cell
+    level = sum(topk_masks(sel.cpu(), ratios))  # (1, 1, h, w): number of masks holding each cell
     level = TF.interpolate(level, size=(H, W), mode="nearest")[0, 0].long()  # (H, W)
     inner = (len(ratios) - level).clamp(max=len(ratios) - 1) % len(MASK_COLORS)  # (H, W) index of the smallest mask
     mask_rgb = torch.tensor(MASK_COLORS, dtype=torch.float)[inner].permute(2, 0, 1) / 255  # (3, H, W)
@@ -226,12 +228,14 @@ def benchmark(args, device, amp_dtype):
     peak memory; FoR-Net (the checkpoint's config, else the paper's defaults) vs torchvision's DeepLabV3-R101."""
     kwargs = load_checkpoint(args.ckpt)["config"]["model"] if args.ckpt else dict(backbone=args.backbone)
     deeplab = torchvision.models.segmentation.deeplabv3_resnet101
-    models = [(f"FoR-Net ({kwargs.get('backbone', 'resnet101')}, C={kwargs.get('channels', 256)})", lambda: FoRNet(**kwargs)),
+    name = f"FoR-Net ({kwargs.get('backbone', 'resnet101')}, C={kwargs.get('channels', 256)})"
+    models = [(name, lambda: FoRNet(**kwargs)),
               ("DeepLabV3-ResNet101 (torchvision)",
                lambda: deeplab(weights=None, weights_backbone=None, num_classes=19, aux_loss=False))]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    print(f"1×3×{args.size[0]}×{args.size[1]} on {device} | amp {args.amp} | {args.warmup} warm-up + {args.runs} "
-          f"timed runs | torch {torch.__version__}\n{'model':<36}{'params (M)':>11}{'GMACs':>10}{'latency (ms)':>14}"
+    print(f"{environment(device)}\n1×3×{args.size[0]}×{args.size[1]} | amp {args.amp} | compile {args.compile} | "
+          f"{args.warmup} warm-up + {args.runs} timed runs\n"
+          f"{'model':<36}{'params (M)':>11}{'GMACs':>10}{'latency (ms)':>14}"
           f"{'FPS':>8}{'peak mem (GiB)':>16}")
     rows = []
     for name, build in models:
@@ -239,6 +243,7 @@ def benchmark(args, device, amp_dtype):
             meta = build().eval()
             meta(torch.empty(1, 3, *args.size))
         model, x = build().eval().to(device), torch.randn(1, 3, *args.size, device=device)
+        model = torch.compile(model, dynamic=False) if args.compile else model
         with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             for i in range(args.warmup + args.runs):
                 if i == args.warmup:
@@ -293,7 +298,8 @@ def own_images(model, args, device, amp_dtype):
         if (i + 1) % args.log_every == 0 or i + 1 == len(paths):
             print(f"{i + 1}/{len(paths)} images | {(i + 1 - len(failed)) / (time.time() - t0):.2f} img/s")
     if failed:
-        raise DataError(f"{len(failed)} of {len(paths)} images could not be read (named above); the others were written")
+        raise DataError(f"{len(failed)} of {len(paths)} images could not be read (named above); "
+                        "the others were written")
     return paths
 
 
@@ -311,6 +317,8 @@ def main(args):
         raise DataError(f"{args.ckpt} holds a {config['model']['num_classes']}-class model; "
                         f"Cityscapes evaluation needs {len(CLASSES)} classes")
     model.to(device)
+    if args.compile:
+        model = torch.compile(model, dynamic=False)  # attributes such as model.ratios still reach the model
     for folder in filter(None, (args.save_pred, args.save_color)):
         Path(folder).mkdir(parents=True, exist_ok=True)
     if args.images:

@@ -9,11 +9,11 @@ meant to be read next to the paper. Sections follow the paper's order:
     4. Metric      (Cityscapes mIoU)
     5. Checkpoints, and what else both scripts share
 
-"The published model code" below means the model and loss files once published under `fornet/`
-in github.com/henrychan0719/FoR-Net (the repository's current history holds only a README that
-announces the code). It builds the same layout as ours, with BatchNorm, and counts the same
-50.17 M parameters. Where the paper is silent we follow that code and say so; where we differ
-(GroupNorm, which the paper asks for; Top-K ties; an all-ignore batch) the docstring says so.
+"The published model code" below means `fornet/model.py` (commit d81dcf6) and `fornet/loss.py`
+(commit a23f7ca) in github.com/henrychan0719/FoR-Net, since removed from the repository's history.
+It builds the same layout as ours, with BatchNorm, and counts the same 50.17 M parameters. Where
+the paper is silent we follow it and say so; where we differ (GroupNorm, which the paper asks for;
+Top-K ties; an all-ignore batch) the docstring says so.
 
 Shape legend, used in every trailing shape comment:
     B      batch size
@@ -22,11 +22,11 @@ Shape legend, used in every trailing shape comment:
     h, w   stride-8 feature grid, h = ceil(H/8), w = ceil(W/8)
     H4, W4 stride-4 grid of the low-level features F_low
     N      number of classes (19 on Cityscapes)
-    V      number of labelled (valid) pixels in a batch
 """
 import math
 import os
 import re
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -48,20 +48,24 @@ IGNORE = 255  # Cityscapes convention: trainId 255 = ignore / void
 class GroupNorm(nn.GroupNorm):
     """nn.GroupNorm that runs in its input's dtype under autocast; same parameters and state-dict names.
 
-    Why: CUDA autocast puts group_norm on its float32 list (CPU autocast does not). Under bf16
-    autocast every GN would then turn its bf16 input into a float32 output, the in-place ReLU
-    after it would keep that float32 tensor for backward, and the next conv a bf16 copy of it
-    again: AMP would need more activation memory than float32 (README, "Performance"). Here autocast
-    is switched off and the affine parameters are cast to the input's dtype instead; the CUDA
-    kernel still accumulates mean and variance in float32. Outside autocast, with float32
-    inputs, this is exactly nn.GroupNorm.
+    Why: CUDA autocast runs group_norm in float32 (CPU autocast does not), so under bf16 every GN
+    would return float32, the in-place ReLU after it would keep that float32 tensor for backward,
+    and the next conv would make a bf16 copy again: more activation memory than no AMP at all.
+    Here autocast is off and the affine parameters are cast to the input's dtype; the CUDA kernel
+    still accumulates mean and variance in float32. Without autocast, with float32 inputs, this is
+    exactly nn.GroupNorm.
     """
 
     def forward(self, x):
-        with torch.autocast(device_type="cuda" if x.is_cuda else "cpu", enabled=False):  # also meta tensors
+        with autocast_off(x):
             weight = self.weight.to(x.dtype) if self.affine else None
             bias = self.bias.to(x.dtype) if self.affine else None
             return TF.group_norm(x, self.num_groups, weight, bias, self.eps)
+
+
+def autocast_off(x):
+    """A context with autocast switched off on x's device (cuda, cpu, mps, xpu; a meta tensor uses cpu's)."""
+    return torch.autocast(x.device.type if x.device.type != "meta" else "cpu", enabled=False)
 
 
 def norm_layer(C, kind="gn"):
@@ -87,26 +91,36 @@ def conv_norm_act(c_in, c_out, kernel, *, dilation=1, norm="gn"):
     )
 
 
-def topk_mask(scores, ratio):
-    """M = TopK(S), Eq. (2): a {0,1} mask with the highest-scoring locations of each image set.
+def topk_masks(scores, ratios):
+    """M_i = TopK(S), Eq. (2), for every ratio r_i: the top k_i = max(1, round(r_i·h·w)) locations of each image.
 
-    scores (B, 1, h, w) -> mask (B, 1, h, w), float32, exactly k = max(1, round(ratio·h·w)) ones
-    per image. FoRNet passes the selector logits φ(F), not S = σ(φ(F)): σ is increasing, so the
-    order is the same, but in float32 σ(x) rounds to exactly 1.0 for x ≳ 17 (and is coarse above
-    ~9), so ranking S would tie confident locations and pick them by position. Ranking is done in
-    float32 with a stable sort, so remaining ties are broken by position identically for every
-    ratio: masks of the same scores with growing ratios are nested (M_0.1 ⊂ M_0.2 ⊂ ...), as in
-    the published model code (which also ranks the logits, with torch.topk, whose tie order is
-    unspecified). Not differentiable; FoRNet adds a straight-through gradient on top.
+    scores (B, 1, h, w) -> one {0,1} mask (B, 1, h, w), float32, per ratio.
+    One ranking serves all ratios, so the masks are nested (M_0.1 ⊂ M_0.2 ⊂ ...) by construction.
+    FoRNet ranks the selector logits φ(F), not S = σ(φ(F)): same order, but in float32 σ rounds
+    every logit above ≈ 17 to exactly 1.0, and ties would be broken by position. The sort is
+    stable and in float32, so remaining ties go to the first position. Not differentiable
+    (see `straight_through`).
     """
     assert scores.dim() == 4 and scores.shape[1] == 1, f"scores must be (B, 1, h, w), got {tuple(scores.shape)}"
-    assert 0.0 < ratio <= 1.0, f"Top-K ratio must be in (0, 1], got {ratio}"
+    assert all(0.0 < r <= 1.0 for r in ratios), f"Top-K ratios must be in (0, 1], got {ratios}"
     B, _, h, w = scores.shape
-    k = max(1, round(ratio * h * w))
     order = torch.argsort(scores.detach().float().reshape(B, h * w), dim=1, descending=True, stable=True)  # (B, h*w)
-    M = torch.zeros(B, h * w, device=scores.device)  # (B, h*w)
-    M.scatter_(1, order[:, :k], 1.0)
-    return M.view(B, 1, h, w)  # (B, 1, h, w)
+    masks = []
+    for r in ratios:
+        M = torch.zeros(B, h * w, device=scores.device)  # (B, h*w)
+        M.scatter_(1, order[:, :max(1, round(r * h * w))], 1.0)
+        masks.append(M.view(B, 1, h, w))  # (B, 1, h, w)
+    return masks
+
+
+def straight_through(M, S):
+    """Not in the paper: the hard mask M in the forward pass, with the gradient it would have if it were S.
+
+    Returns M + S - sg(S) (sg = stop-gradient, `detach`): its value is exactly M, its gradient
+    flows into S. Paper is silent on whether L_CE and L_Dice reach the selector through Top-K;
+    the published model code does this, and so does FoRNet(straight_through=True), the default.
+    """
+    return M + (S - S.detach())
 
 
 class Selector(nn.Module):
@@ -126,7 +140,7 @@ class Selector(nn.Module):
 
     def forward(self, F):
         x = self.block(F)  # (B, C/2, h, w)
-        with torch.autocast(device_type="cuda" if F.is_cuda else "cpu", enabled=False):  # also meta tensors
+        with autocast_off(x):
             return self.proj(x.float())  # (B, 1, h, w)   φ(F)
 
 
@@ -140,7 +154,8 @@ class GlobalContext(nn.Module):
 
     def __init__(self, C, *, reduction=4):
         super().__init__()
-        self.psi = nn.Sequential(nn.Conv2d(C, C // reduction, 1), nn.ReLU(inplace=True), nn.Conv2d(C // reduction, C, 1))
+        c = C // reduction
+        self.psi = nn.Sequential(nn.Conv2d(C, c, 1), nn.ReLU(inplace=True), nn.Conv2d(c, C, 1))
 
     def forward(self, F):
         g = self.psi(TF.adaptive_avg_pool2d(F, 1))  # (B, C, 1, 1)   Eq. (4): g = ψ(GAP(F))
@@ -179,27 +194,20 @@ class FoRNet(nn.Module):
     Arguments (keyword-only):
       num_classes  N, 19 for Cityscapes.
       backbone     "resnet101" (the paper) or "resnet50" (small/CPU runs).
-      norm         "gn" (the paper: every BatchNorm replaced by GroupNorm; the group count is
-                   ours, see `norm_layer`) or "bn".
-                   Deviation (opt-in): "bn" keeps BatchNorm, for fine-tuning from BN weights.
-      pretrained   None (default; nothing is downloaded), "imagenet" (torchvision's weights
-                   API, what train.py uses by default) or a local path to a .pth state dict.
-                   See `load_backbone`: BN-trained ImageNet weights load into GroupNorm only in
-                   part; GN-pretrained weights (Detectron's R-101-GN, converted by OpenMMLab as
-                   `resnet101_gn`) can be given as a local path.
-      channels     C, width of F. Paper is silent; 256 as in the published model code.
-      ratios       Top-K ratio of each branch, Eq. (6). Paper is silent; (0.1, 0.2, 0.3, 0.4)
-                   as in the published model code (nested masks, see `topk_mask`). A ratio of 1
-                   keeps every location: (1, 1, 1, 1) switches selection off.
+      norm         "gn" (the paper: every BatchNorm replaced by GroupNorm; group count in `norm_layer`)
+                   or "bn" (Deviation, opt-in: keeps BatchNorm, for fine-tuning from BN weights).
+      pretrained   None (nothing is downloaded), "imagenet" (torchvision's weights API) or a path
+                   to a .pth state dict; see `load_backbone`.
+      channels     C, the width of F. Paper is silent; 256 as in the published model code.
+      ratios       Top-K ratio r_i of each branch, Eq. (6). Paper is silent; (0.1, 0.2, 0.3, 0.4) as
+                   in the published model code. A ratio of 1 keeps every location: (1, 1, 1, 1)
+                   switches selection off.
+      kernels      kernel size k_i of each branch C_i, Eq. (6): 1, 3, 5, 7 (Sec. 3.4).
       dilation     dilation of the 7×7 branch; 16 is the paper's best (Sec. 4.5, Table 2:
                    1 = "no dilation", 2, 4, 8, 16).
-      straight_through  Paper is silent on whether the segmentation loss reaches the selector
-                   through the hard mask. True (default, as the published model code): the
-                   forward pass uses exactly M, the backward pass treats M as if it were S
-                   (M + S - sg(S)), so L_CE and L_Dice train φ together with L_sel.
-                   False: M is a constant and only L_sel trains φ. A branch with ratio 1 has
-                   the constant mask 1 either way (nothing is selected, so there is no choice
-                   for a gradient to correct).
+      straight_through  True (default, as the published model code): L_CE and L_Dice reach φ
+                   through the hard masks (`straight_through`); False: M is a constant and only
+                   L_sel trains φ. A branch of ratio 1 has the constant mask 1 either way.
     """
 
     def __init__(self, *, num_classes=19, backbone="resnet101", norm="gn", pretrained=None, channels=256,
@@ -235,13 +243,14 @@ class FoRNet(nn.Module):
 
         sel = self.selector(F)  # (B, 1, h, w)   φ(F), float32
         S = sel.sigmoid()  # Eq. (1): S = σ(φ(F))
-        F_ctx = self.context(F)  # Eq. (4)-(5)
+        F_ctx = self.context(F)  # Eq. (4)-(5): F_ctx = F + ψ(GAP(F))
         F_agg = F
-        for ratio, C_i in zip(self.ratios, self.branches):
-            M_i = topk_mask(sel, ratio)  # Eq. (2): M_i = TopK(S), ranked on φ(F) (same order, no float32 ties)
+        # Eq. (3) masks F (F_sel = F ⊙ M); Eq. (6) applies the same masking to F_ctx, the features with
+        # global context, and that product is the only one computed: F_ctx ⊙ M_i is Eq. (3) for F_ctx.
+        for ratio, M_i, C_i in zip(self.ratios, topk_masks(sel, self.ratios), self.branches):  # Eq. (2), on φ(F)
             if self.straight_through and ratio < 1:
-                M_i = M_i + (S - S.detach())  # value exactly M_i, gradient as if M_i were S
-            F_i = C_i(F_ctx * M_i.to(F_ctx.dtype))  # Eq. (3), (6): F_i = C_i(F_ctx ⊙ M_i)
+                M_i = straight_through(M_i, S)  # not in the paper: value M_i, gradient into S
+            F_i = C_i(F_ctx * M_i.to(F_ctx.dtype))  # (B, C, h, w)   Eq. (6): F_i = C_i(F_ctx ⊙ M_i)
             F_agg = F_agg + F_i  # Eq. (7): F_agg = F + Σ_i F_i
 
         Y = self.decoder(F_agg, F_low)  # (B, N, H4, W4)   Eq. (8)
@@ -251,19 +260,13 @@ class FoRNet(nn.Module):
 
 
 def load_backbone(resnet, pretrained, arch):
-    """Load ImageNet weights into a torchvision ResNet whose norms may be GroupNorm.
+    """Load ImageNet weights into a torchvision ResNet whose norms may be GroupNorm (README, "Initial weights").
 
     pretrained = "imagenet": torchvision's weights API (IMAGENET1K_V2, BatchNorm-trained).
     pretrained = a path: a .pth holding a state dict, bare or under "state_dict"/"model", with
-      torchvision names or OpenMMLab/Detectron names (`gn1` for `bn1`, prefix `backbone.`).
-
-    BN weights into GN (what the paper's set-up implies: an ImageNet ResNet-101 whose BN layers
-    are replaced by GN; the published model code, which keeps BN, loads the same torchvision
-    weights into BN): conv weights load unchanged, a BN layer's affine scale/shift load into the
-    GN layer's, and its running statistics are dropped, since GN has none. GN normalises over
-    channel groups of each image where BN used frozen batch statistics, so the loaded network is
-    not the one ImageNet trained: fine-tuning starts from perturbed features. GN-pretrained weights avoid this (e.g. OpenMMLab's `resnet101_gn`,
-    converted from Detectron), as does `norm="bn"`.
+      torchvision names or OpenMMLab names (`gn1` for `bn1`, prefix `backbone.`).
+    BN weights into GN: convolutions and the BN affine scale/shift load; the running statistics
+    have no place in GN and are dropped. Prints what was loaded, once per machine under torchrun.
     Raises DataError when the weights cannot be downloaded or read, or match nothing.
     """
     if pretrained == "imagenet":
@@ -293,11 +296,12 @@ def load_backbone(resnet, pretrained, arch):
         raise DataError(f"pretrained weights {pretrained!r} match no parameter of {arch}")
     missing = [n for n in own if n not in renamed]
     resnet.load_state_dict(renamed, strict=False)
-    print(f"backbone: loaded {len(renamed)}/{len(own)} tensors from {pretrained}"
-          + (f"; not found: {missing[:3]}{' ...' if len(missing) > 3 else ''}" if missing else ""))
-    if any(isinstance(m, nn.GroupNorm) for m in resnet.modules()) and any(n.endswith("running_mean") for n in state):
-        print("backbone: note: BatchNorm-trained weights loaded into GroupNorm, running statistics dropped "
-              "(see README, 'Pretrained weights')")
+    if os.environ.get("LOCAL_RANK", "0") == "0":  # one process per machine speaks
+        print(f"backbone: loaded {len(renamed)}/{len(own)} tensors from {pretrained}"
+              + (f"; not found: {missing[:3]}{' ...' if len(missing) > 3 else ''}" if missing else ""))
+        if any(isinstance(m, nn.GroupNorm) for m in resnet.modules()) and any("running_mean" in n for n in state):
+            print("backbone: note: BatchNorm-trained weights loaded into GroupNorm, running statistics dropped "
+                  "(see README, 'Initial weights')")
 
 
 # ======================================================================================
@@ -315,15 +319,15 @@ def boundary_map(target, size, *, band=2, ignore_index=IGNORE):
     3×3 neighbourhood (edges against ignore do not count: the void class is not an object); a
     cell of the h×w grid that holds one gets B = 1, and a cell k ≤ `band` cells away from such a
     cell (Chebyshev) gets 0.5^k, so the target is graded over the 10-40 % of cells the Top-K masks
-    select, not only the few boundary cells (README, "The selector's target B").
+    select, not only the few boundary cells (README, "Choices and deviations").
     `valid` marks cells that hold a labelled pixel; B is 0 elsewhere and L_sel averages over them.
     With size = (H, W) and band = 0, B_map is the boundary pixels themselves (evaluate.py uses that).
     """
     valid = (target != ignore_index).unsqueeze(1)  # (B, 1, H, W)
     t = target.unsqueeze(1).float()  # (B, 1, H, W)
     big = float(ignore_index) + 1.0
-    nb_max = TF.max_pool2d(torch.where(valid, t, -1.0), 3, stride=1, padding=1)  # (B, 1, H, W) largest valid label around
-    nb_min = -TF.max_pool2d(torch.where(valid, -t, -big), 3, stride=1, padding=1)  # (B, 1, H, W) smallest valid label around
+    nb_max = TF.max_pool2d(torch.where(valid, t, -1.0), 3, stride=1, padding=1)  # (B, 1, H, W) largest valid label
+    nb_min = -TF.max_pool2d(torch.where(valid, -t, -big), 3, stride=1, padding=1)  # (B, 1, H, W) smallest valid label
     edge = (valid & (nb_max != nb_min)).float()  # (B, 1, H, W)
     B_map = near = TF.adaptive_max_pool2d(edge, size)  # (B, 1, h, w) 1 on boundary cells
     for k in range(1, band + 1):
@@ -495,7 +499,8 @@ class Cityscapes(torch.utils.data.Dataset):
             raise DataError(f"no *_leftImg8bit.png images under {image_dir}")
         self.labels = []
         for image in self.images:
-            stem = Path(root) / "gtFine" / split / image.parent.name / image.name.replace("_leftImg8bit.png", "_gtFine_")
+            name = image.name.replace("_leftImg8bit.png", "_gtFine_")
+            stem = Path(root) / "gtFine" / split / image.parent.name / name
             label = Path(f"{stem}labelTrainIds.png")
             label = label if label.exists() else Path(f"{stem}labelIds.png")
             if not label.exists():
@@ -515,7 +520,8 @@ class Cityscapes(torch.utils.data.Dataset):
         target = lut[label.long()]  # (H, W) int64
         if (target < 0).any():
             bad = label[target < 0].unique().tolist()
-            raise DataError(f"{self.labels[i]} holds value(s) {bad}, not Cityscapes {'train' if lut is TRAIN_ID_LUT else ''}ids")
+            kind = "train" if lut is TRAIN_ID_LUT else ""
+            raise DataError(f"{self.labels[i]} holds value(s) {bad}, not Cityscapes {kind}ids")
         image, target = image.permute(2, 0, 1), target.byte()  # (3, H, W), (H, W)
         return (image, target) if self.transform is None else self.transform(image, target)
 
@@ -548,7 +554,7 @@ class TrainTransform:
         s = torch.empty(()).uniform_(*self.scale).item()
         H, W = target.shape
         size = [min(self.crop, round(L * s)) for L in (H, W)]  # the window once scaled: crop², or the scaled image
-        win_h, win_w = [L if n < self.crop else min(L, round(self.crop / s)) for L, n in zip((H, W), size)]  # its source
+        win_h, win_w = [L if n < self.crop else min(L, round(self.crop / s)) for L, n in zip((H, W), size)]  # source
         top = torch.randint(0, H - win_h + 1, ()).item()
         left = torch.randint(0, W - win_w + 1, ()).item()
         image = TVF.resize(image[:, top:top + win_h, left:left + win_w], size, antialias=True)  # (3, *size) bilinear
@@ -604,10 +610,10 @@ def make_toy_cityscapes(root, *, n_train=48, n_val=12, size=(128, 256), seed=0):
             label_ids = to_label_ids(t).byte()  # (H, W)
             label_ids[:H // 20] = 3  # "out of roi" strip at the top: an id that maps to ignore
             name = f"{city}_{i:06d}_000019"
-            for kind, array, suffix in (("leftImg8bit", image, "leftImg8bit"), ("gtFine", label_ids, "gtFine_labelIds")):
+            for kind, pixels, suffix in (("leftImg8bit", image, "leftImg8bit"), ("gtFine", label_ids, "gtFine_labelIds")):
                 folder = Path(root) / kind / split / city
                 folder.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(array.numpy()).save(folder / f"{name}_{suffix}.png")
+                Image.fromarray(pixels.numpy()).save(folder / f"{name}_{suffix}.png")
     return root
 
 
@@ -678,6 +684,24 @@ def peak_memory(device, reset=False):
     if reset:
         Path("/proc/self/clear_refs").write_text("5")  # 5: reset the peak RSS to the current RSS
     return int(re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text())[1]) / 2**20
+
+
+def environment(device):
+    """One line naming the machine and the versions, printed with every measured figure."""
+    versions = f"torch {torch.__version__} | torchvision {torchvision.__version__}"
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        try:
+            driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                    capture_output=True, text=True, timeout=30).stdout.split("\n")[0].strip() or "?"
+        except (OSError, subprocess.SubprocessError):
+            driver = "?"
+        return (f"{p.name} ({p.total_memory / 2**30:.0f} GiB, sm_{p.major}{p.minor}) | driver {driver} | {versions} | "
+                f"CUDA {torch.version.cuda} | cuDNN {torch.backends.cudnn.version()}")
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    name = re.search(r"model name\s*:\s*(.*)", info)
+    isa = "AVX-512" if " avx512f" in info else "AVX2" if " avx2" in info else "no AVX2"
+    return f"CPU {name[1] if name else '?'} ({isa}), {torch.get_num_threads()} threads | {versions}"
 
 
 def save_checkpoint(checkpoint, path):
