@@ -133,7 +133,7 @@ def dilate(mask, d):
 
     The (2d+1)×(2d+1) max filter separates into a row pass and a column pass; on a bool mask each
     pass is an OR of the mask shifted by 1..d px both ways (nothing enters from beyond the border).
-    Same result as the (2d+1)² max-pool (tested); at d = 10 on 1024×2048, 0.70 s -> 0.007 s (1 CPU thread).
+    Same result as the (2d+1)² max-pool (tested), about 100× faster at d = 10 on 1024×2048 (1 CPU thread).
     """
     for dim in (-1, -2):
         src, mask, L = mask, mask.clone(), mask.shape[dim]
@@ -151,6 +151,8 @@ class HardRegions:
     prediction (both by `gt_boundary`, prediction restricted to labelled pixels); precision =
     predicted ones within `tol` px of a GT one, recall = GT ones within `tol` px of a predicted
     one; F_c = 2PR/(P+R) from the summed counts; mean over classes with any boundary pixel.
+    Paper is silent on hard-region metrics: widths 3, 5, 10 px and tolerance 3 px are ours; the
+    boundary F-score is not comparable with published ones, whose tolerance and averaging differ.
     """
 
     def __init__(self, widths=(3, 5, 10), tol=3, num_classes=19):

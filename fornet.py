@@ -10,7 +10,7 @@ meant to be read next to the paper. Sections follow the paper's order:
     5. Checkpoints, and what else both scripts share
 
 "The published model code" below means `fornet/model.py` (commit d81dcf6) and `fornet/loss.py`
-(commit a23f7ca) in github.com/henrychan0719/FoR-Net, since removed from the repository's history.
+(commit a23f7ca) in github.com/henrychan0719/FoR-Net, not in the repository's current history.
 It builds the same layout as ours, with BatchNorm, and counts the same 50.17 M parameters. Where
 the paper is silent we follow it and say so; where we differ (GroupNorm, which the paper asks for;
 Top-K ties; an all-ignore batch) the docstring says so.
@@ -74,6 +74,7 @@ def norm_layer(C, kind="gn"):
     Paper is silent on the number of groups: 32, the GroupNorm paper's default, and gcd(32, C)
     where 32 does not divide C (the decoder's 48-wide F_low projection: 16 groups). The
     GroupNorm is our subclass above, which keeps bf16/fp16 activations in half precision under AMP.
+    Deviation (opt-in): "bn" keeps BatchNorm, as the published model code does.
     """
     if kind == "gn":
         return GroupNorm(math.gcd(32, C), C)
@@ -97,9 +98,11 @@ def topk_masks(scores, ratios):
     scores (B, 1, h, w) -> one {0,1} mask (B, 1, h, w), float32, per ratio.
     One ranking serves all ratios, so the masks are nested (M_0.1 ⊂ M_0.2 ⊂ ...) by construction.
     FoRNet ranks the selector logits φ(F), not S = σ(φ(F)): same order, but in float32 σ rounds
-    every logit above ≈ 17 to exactly 1.0, and ties would be broken by position. The sort is
-    stable and in float32, so remaining ties go to the first position. Not differentiable
-    (see `straight_through`).
+    every logit above ≈ 17 to exactly 1.0, and ties would be broken by position. The published
+    model code ranks φ(F) too. Deviation: its torch.topk leaves the order of ties unspecified;
+    our sort is stable and in float32, so ties go to the first position. k counts every cell,
+    also the padding of a training crop (`TrainTransform`), as in the published model code. Not
+    differentiable (see `straight_through`).
     """
     assert scores.dim() == 4 and scores.shape[1] == 1, f"scores must be (B, 1, h, w), got {tuple(scores.shape)}"
     assert all(0.0 < r <= 1.0 for r in ratios), f"Top-K ratios must be in (0, 1], got {ratios}"
@@ -250,7 +253,7 @@ class FoRNet(nn.Module):
         for ratio, M_i, C_i in zip(self.ratios, topk_masks(sel, self.ratios), self.branches):  # Eq. (2), on φ(F)
             if self.straight_through and ratio < 1:
                 M_i = straight_through(M_i, S)  # not in the paper: value M_i, gradient into S
-            F_i = C_i(F_ctx * M_i.to(F_ctx.dtype))  # (B, C, h, w)   Eq. (6): F_i = C_i(F_ctx ⊙ M_i)
+            F_i = C_i(F_ctx * M_i.to(F_ctx.dtype))  # (B, C, h, w)   Eq. (6): F_i = C_i(F_ctx ⊙ M_i), ⊙: Eq. (3)
             F_agg = F_agg + F_i  # Eq. (7): F_agg = F + Σ_i F_i
 
         Y = self.decoder(F_agg, F_low)  # (B, N, H4, W4)   Eq. (8)
@@ -265,8 +268,10 @@ def load_backbone(resnet, pretrained, arch):
     pretrained = "imagenet": torchvision's weights API (IMAGENET1K_V2, BatchNorm-trained).
     pretrained = a path: a .pth holding a state dict, bare or under "state_dict"/"model", with
       torchvision names or OpenMMLab names (`gn1` for `bn1`, prefix `backbone.`).
-    BN weights into GN: convolutions and the BN affine scale/shift load; the running statistics
-    have no place in GN and are dropped. Prints what was loaded, once per machine under torchrun.
+    Paper is silent on the initial weights; the published model code loads torchvision's ImageNet
+    weights into its BatchNorm model. BN weights into GN: convolutions and the BN affine scale/shift
+    load; the running statistics have no place in GN and are dropped. Prints what was loaded, once
+    per machine under torchrun.
     Raises DataError when the weights cannot be downloaded or read, or match nothing.
     """
     if pretrained == "imagenet":
@@ -391,7 +396,7 @@ class FoRNetLoss(nn.Module):
         log_P_t = log_P.gather(1, index.unsqueeze(1)).squeeze(1) * valid  # (B, H, W) log P of the label; 0 if ignored
 
         # L_CE: Σ -log P_t over labelled pixels / their count (an all-ignore batch gives 0, not NaN).
-        ce_sum = -log_P_t.sum()
+        ce_sum = -log_P_t.sum()  # ()
 
         # L_Dice: soft Dice per class over the batch's labelled pixels, Dice_c =
         # (2·Σ P_c·T_c + 1) / (Σ P_c + Σ T_c + 1) with T the one-hot target, never built: Σ P_c·T_c
@@ -403,17 +408,18 @@ class FoRNetLoss(nn.Module):
         p_sum = torch.einsum("bnhw,bhw->n", log_P.exp(), valid.float())  # (N,) Σ P_c over labelled pixels
         t_sum = by_label(valid.float())  # (N,) Σ T_c
 
-        # Eq. (9): L_sel = BCE(S, B), on logits (numerically safe under AMP), labelled cells only.
+        # L_sel on logits (numerically safe under AMP), over labelled cells only.
         B_map, cell_valid = boundary_map(target, sel.shape[-2:], ignore_index=self.ignore_index)  # (B, 1, h, w) each
-        sel_sum = (TF.binary_cross_entropy_with_logits(sel, B_map, reduction="none") * cell_valid).sum()
+        bce = TF.binary_cross_entropy_with_logits(sel, B_map, reduction="none")  # (B, 1, h, w)   Eq. (9): BCE(S, B)
+        sel_sum = (bce * cell_valid).sum()  # ()
 
         counts = torch.stack([ce_sum, valid.sum().float(), sel_sum, cell_valid.sum()])  # (4,)
         sums = all_ranks_sum(torch.cat([counts, inter, p_sum, t_sum]))  # (4 + 3N,) over the global batch
-        (ce_sum, n_valid, sel_sum, n_cells), (inter, p_sum, t_sum) = sums[:4], sums[4:].view(3, N)
+        (ce_sum, n_valid, sel_sum, n_cells), (inter, p_sum, t_sum) = sums[:4], sums[4:].view(3, N)  # () ×4, (N,) ×3
         L_ce = ce_sum / n_valid.clamp(min=1)
         dice = (2 * inter + 1) / (p_sum + t_sum + 1)  # (N,)
         present = (t_sum > 0).float()  # (N,)
-        L_dice = ((1 - dice) * present).sum() / present.sum().clamp(min=1)
+        L_dice = ((1 - dice) * present).sum() / present.sum().clamp(min=1)  # ()
         L_sel = sel_sum / n_cells.clamp(min=1)
 
         total = L_ce + self.lambda_dice * L_dice + self.lambda_sel * L_sel  # Eq. (10)
@@ -541,9 +547,10 @@ class TrainTransform:
     image (3, H, W) uint8, target (H, W) -> (3, crop, crop), (crop, crop), dtypes kept.
     The result equals scaling the whole image by s and cutting a random crop×crop window, but
     only the window's source region, (crop/s)² pixels, is cut first and resized (image bilinear,
-    antialiased when shrinking; label nearest-exact, so labels are never blended): the cost no
-    longer grows with s². Where the scaled image is smaller than the crop it is padded, the
-    image with the ImageNet mean (≈ 0 after `normalize`), the target with 255.
+    antialiased when shrinking; label nearest-exact, so labels are never blended), so the cost
+    does not grow with s². Where the scaled image is smaller than the crop it is padded, the
+    image with the ImageNet mean (≈ 0 after `normalize`), the target with 255; Top-K's k counts
+    the padded cells too (`topk_masks`).
     Paper is silent on the scale range: 0.5-2.0, the common practice.
     """
 
@@ -610,10 +617,10 @@ def make_toy_cityscapes(root, *, n_train=48, n_val=12, size=(128, 256), seed=0):
             label_ids = to_label_ids(t).byte()  # (H, W)
             label_ids[:H // 20] = 3  # "out of roi" strip at the top: an id that maps to ignore
             name = f"{city}_{i:06d}_000019"
-            for kind, pixels, suffix in (("leftImg8bit", image, "leftImg8bit"), ("gtFine", label_ids, "gtFine_labelIds")):
+            for kind, px, suffix in (("leftImg8bit", image, "leftImg8bit"), ("gtFine", label_ids, "gtFine_labelIds")):
                 folder = Path(root) / kind / split / city
                 folder.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(pixels.numpy()).save(folder / f"{name}_{suffix}.png")
+                Image.fromarray(px.numpy()).save(folder / f"{name}_{suffix}.png")
     return root
 
 
@@ -730,7 +737,7 @@ def load_checkpoint(path):
     if missing:
         raise DataError(f"{path} is not a train.py checkpoint (missing {', '.join(missing)})")
     if not isinstance(ckpt["config"], dict) or not isinstance(ckpt["config"].get("model"), dict):
-        raise DataError(f"{path} has no config['model'] (the FoRNet arguments): re-save it with the current train.py")
+        raise DataError(f"{path} has no config['model'] (the FoRNet arguments): not written by this train.py")
     return ckpt
 
 

@@ -1109,7 +1109,8 @@ def test_estimated_memory_of_the_recipe_fits_a_40_gb_gpu(monkeypatch):
     ours, fp32 = saved_for_backward(True), saved_for_backward(False)
     monkeypatch.setattr(fornet, "GroupNorm", nn.GroupNorm)
     torch_gn = saved_for_backward(True)
-    print(f"estimated: saved for backward {ours:.2f} GiB in bf16, {torch_gn:.2f} with nn.GroupNorm, {fp32:.2f} in float32")
+    print(f"estimated: saved for backward {ours:.2f} GiB in bf16, {torch_gn:.2f} with nn.GroupNorm, "
+          f"{fp32:.2f} in float32")
     assert ours < 0.6 * fp32 < torch_gn and ours < 37  # 37 GiB: 40 GB less the optimizer state and headroom
 
 

@@ -143,7 +143,8 @@ class Seeded(torch.utils.data.Dataset):
 
 
 def make_optimizer(model, lr, weight_decay, fused=False):
-    """AdamW (Sec. 4.1). Paper is silent on weight decay: on conv weights, not on norm parameters and biases."""
+    """AdamW (Sec. 4.1). Paper is silent on weight decay (--weight-decay, 0.01: PyTorch's default) applied to conv
+    weights, not to norm parameters and biases, and on betas and eps (PyTorch's defaults)."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -169,6 +170,7 @@ def train_step(model, loss_of, optimizer, scaler, image, target, amp_dtype, it=0
 @torch.no_grad()
 def validate(model, dataset, device, rank=0, world=1, workers=0, log=print):
     """Whole-image mIoU on `dataset` in float32 (as evaluate.py's default), each rank taking every world-th image.
+    Paper is silent on validation: whole image, no test-time augmentation, every --val-every iterations.
     -> ConfusionMatrix.compute()'s dict + "images", "seconds". Prints progress every VAL_PROGRESS images."""
     model.eval()
     cm, t0, n = ConfusionMatrix(), time.time(), len(dataset)
@@ -415,6 +417,7 @@ def main(args):
             dt = time.time() - t_log
             train_time += dt
             terms = dict(zip(["loss", *parts], (sums / (it - it_log)).tolist()))  # means over the interval
+            # validations to come: at the multiples of --val-every in [it, iters), and the final one
             vals_left = 1 + ((iters - 1) // args.val_every - (it - 1) // args.val_every if args.val_every else 0)
             eta = train_time / (it - it_start) * (iters - it)
             hm = lambda s: f"{int(s // 3600)}:{int(s % 3600 // 60):02d}"  # noqa: E731
