@@ -805,19 +805,24 @@ def test_bad_inputs_get_one_clear_line(toy, tmp_path):
         assert len(r.stderr.strip().splitlines()) == 1
 
 
+def assert_compiled_equals_eager(model, compiled, x, target, rtol, atol):
+    """Logits, selector logits, loss and every parameter gradient of `compiled` equal `model`'s (the same weights)."""
+    outputs = []
+    for m in (model, compiled):
+        logits, sel = m(x)
+        total, _ = FoRNetLoss(num_classes=5)(logits, sel, target)
+        outputs.append((logits, sel, total, *torch.autograd.grad(total, list(model.parameters()))))
+    for eager, comp in zip(*outputs):
+        torch.testing.assert_close(comp, eager, rtol=rtol, atol=atol)
+
+
 def test_compiled_model_is_one_graph_and_equals_eager():
     """fullgraph=True fails on any graph break. The "aot_eager" backend traces forward and backward through
     AOTAutograd as inductor does, short of generating code (which takes minutes on a 2-core CPU)."""
-    model, loss_fn = small_model(), FoRNetLoss(num_classes=5)
+    model = small_model()
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     x, target = torch.randn(2, 3, 48, 64), torch.randint(0, 5, (2, 48, 64))
-    outputs = []
-    for m in (model, compiled):  # the same weights, eager then compiled
-        logits, sel = m(x)
-        total, _ = loss_fn(logits, sel, target)
-        outputs.append((logits, sel, total, *torch.autograd.grad(total, list(model.parameters()))))
-    for eager, comp in zip(*outputs):
-        torch.testing.assert_close(comp, eager, rtol=1e-4, atol=1e-5)
+    assert_compiled_equals_eager(model, compiled, x, target, rtol=1e-4, atol=1e-5)
     with torch.no_grad():
         torch.testing.assert_close(compiled.eval()(x)[0], model.eval()(x)[0], rtol=1e-4, atol=1e-5)
 
@@ -1291,13 +1296,7 @@ def test_cuda_compiled_step_equals_eager():
         model = small_model().cuda()
         compiled = torch.compile(model, fullgraph=True)
         x, target = torch.randn(2, 3, 64, 64, device="cuda"), block_target(2, 64, 64, 5).cuda()
-        results = []
-        for m in (model, compiled):
-            logits, sel = m(x)
-            total, _ = FoRNetLoss(num_classes=5)(logits, sel, target)
-            results.append((logits, sel, total, *torch.autograd.grad(total, list(model.parameters()))))
-        for eager, comp in zip(*results):
-            torch.testing.assert_close(comp, eager, rtol=1e-3, atol=1e-4)
+        assert_compiled_equals_eager(model, compiled, x, target, rtol=1e-3, atol=1e-4)
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = False, True  # PyTorch's defaults
 
