@@ -27,6 +27,7 @@ import math
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -199,8 +200,8 @@ class FoRNet(nn.Module):
       backbone     "resnet101" (the paper) or "resnet50" (small/CPU runs).
       norm         "gn" (the paper: every BatchNorm replaced by GroupNorm; group count in `norm_layer`)
                    or "bn" (Deviation, opt-in: keeps BatchNorm, for fine-tuning from BN weights).
-      pretrained   None (nothing is downloaded), "imagenet" (torchvision's weights API) or a path
-                   to a .pth state dict; see `load_backbone`.
+      pretrained   None (nothing is downloaded), "imagenet" (weights trained with the same norm layers),
+                   "torchvision" (BatchNorm-trained, also into GroupNorm) or a path; see `load_backbone`.
       channels     C, the width of F. Paper is silent; 256 as in the published model code.
       ratios       Top-K ratio r_i of each branch, Eq. (6). Paper is silent; (0.1, 0.2, 0.3, 0.4) as
                    in the published model code. A ratio of 1 keeps every location: (1, 1, 1, 1)
@@ -262,34 +263,58 @@ class FoRNet(nn.Module):
         return logits, sel
 
 
-def load_backbone(resnet, pretrained, arch):
-    """Load ImageNet weights into a torchvision ResNet whose norms may be GroupNorm (README, "Initial weights").
+# GroupNorm-trained ImageNet ResNets: the GroupNorm authors' (Detectron's R-50-GN, R-101-GN; ImageNet top-1 76.0 and
+# 77.4 %), as OpenMMLab publishes them. The 8 hex digits are the start of the file's SHA-256, checked on download.
+GN_WEIGHTS = {"resnet50": "https://download.openmmlab.com/pretrain/third_party/resnet50_gn-9186a21c.pth",
+              "resnet101": "https://download.openmmlab.com/pretrain/third_party/resnet101_gn-cac0ab98.pth"}
 
-    pretrained = "imagenet": torchvision's weights API (IMAGENET1K_V2, BatchNorm-trained).
-    pretrained = a path: a .pth holding a state dict, bare or under "state_dict"/"model", with
-      torchvision names or OpenMMLab names (`gn1` for `bn1`, prefix `backbone.`).
-    Paper is silent on the initial weights; the published model code loads torchvision's ImageNet
-    weights into its BatchNorm model. BN weights into GN: convolutions and the BN affine scale/shift
-    load; the running statistics have no place in GN and are dropped. Prints what was loaded, once
-    per machine under torchrun.
+
+def caffe_conv1_to_rgb(weight):
+    """conv1 weights made for Caffe-style input -> the same filters for our input, `normalize(rgb)`.
+
+    weight (64, 3, 7, 7) -> (64, 3, 7, 7). Caffe-style input is BGR, 0-255, minus the mean (103.53, 116.28, 123.675),
+    std 1; ours is RGB, (x/255 - MEAN) / STD. Since 255·MEAN is exactly that mean, x_caffe[2 - c] = 255·STD[c]·x_ours[c]:
+    flip the input channels and scale each by 255·STD[c]. conv1 has no bias and pads with zeros (the mean in both),
+    so the first feature map is the same up to float32 rounding.
+    """
+    return weight.flip(1) * (255 * STD).view(1, 3, 1, 1)
+
+
+def load_backbone(resnet, pretrained, arch):
+    """Load ImageNet weights into a torchvision ResNet with GroupNorm or BatchNorm (README, "Initial weights").
+
+    pretrained = "imagenet": weights trained with the model's own norm layers. GroupNorm: `GN_WEIGHTS`, downloaded
+      once into torch.hub's cache ($TORCH_HOME/hub/checkpoints; offline, put the file there), hash-checked,
+      OpenMMLab names, conv1 converted from Caffe-style input (`caffe_conv1_to_rgb`). BatchNorm: torchvision's
+      IMAGENET1K_V2, as the published model code loads.
+    pretrained = "torchvision": torchvision's BatchNorm-trained IMAGENET1K_V2 whatever the norm (an A/B): into
+      GroupNorm, convolutions and the BN scale/shift load, the running statistics have no place and are dropped.
+    pretrained = a path: a .pth holding a state dict, bare or under "state_dict"/"model", torchvision or OpenMMLab
+      names (`gn1` for `bn1`, prefix `backbone.`), trained on our input (RGB, ImageNet mean/std, `normalize`).
+    Paper is silent on the initial weights. Prints what was loaded, once per machine under torchrun.
     Raises DataError when the weights cannot be downloaded or read, or match nothing.
     """
-    if pretrained == "imagenet":
-        weights = getattr(torchvision.models, {"resnet50": "ResNet50_Weights", "resnet101": "ResNet101_Weights"}[arch])
-        try:
-            state = weights.IMAGENET1K_V2.get_state_dict(progress=True)
-        except (OSError, RuntimeError) as e:  # offline or unreachable (URLError is an OSError), corrupt download
-            raise DataError(f"could not download the ImageNet weights of {arch} ({e}): pass --pretrained none to "
-                            "train from scratch, or --pretrained PATH to a local .pth") from None
+    group_norm = any(isinstance(m, nn.GroupNorm) for m in resnet.modules())
+    caffe = pretrained == "imagenet" and group_norm
+    if pretrained in ("imagenet", "torchvision"):
+        weights = {"resnet50": torchvision.models.ResNet50_Weights, "resnet101": torchvision.models.ResNet101_Weights}
+        source = url = GN_WEIGHTS[arch] if caffe else weights[arch].IMAGENET1K_V2.url
+        try:  # as torchvision's weights API loads its own
+            state = torch.hub.load_state_dict_from_url(url, map_location="cpu", check_hash=True, weights_only=True)
+        except Exception as e:  # offline (URLError is an OSError), a wrong hash (RuntimeError), not a torch file
+            raise DataError(f"could not get the ImageNet weights of {arch} ({str(e).splitlines()[0]}): put {url} in "
+                            f"{torch.hub.get_dir()}/checkpoints/, or pass --pretrained PATH to a .pth, or none"
+                            + (", or torchvision (BatchNorm-trained)" if caffe else "")) from None
     else:
+        source = pretrained
         try:
             state = torch.load(pretrained, map_location="cpu", weights_only=True)
         except Exception as e:  # missing file, not a torch file, pickled objects
             raise DataError(f"cannot read pretrained weights {pretrained!r}: {e}") from None
-        for key in ("state_dict", "model"):
-            state = state.get(key, state) if isinstance(state, dict) else state
+    for key in ("state_dict", "model"):
+        state = state.get(key, state) if isinstance(state, dict) else state
     if not isinstance(state, dict):
-        raise DataError(f"{pretrained!r} does not hold a state dict")
+        raise DataError(f"{source} does not hold a state dict")
     own = resnet.state_dict()
     renamed = {}
     for name, tensor in state.items():
@@ -298,13 +323,16 @@ def load_backbone(resnet, pretrained, arch):
         if name in own and own[name].shape == tensor.shape:
             renamed[name] = tensor
     if not renamed:
-        raise DataError(f"pretrained weights {pretrained!r} match no parameter of {arch}")
+        raise DataError(f"pretrained weights {source} match no parameter of {arch}")
+    if caffe and "conv1.weight" in renamed:
+        renamed["conv1.weight"] = caffe_conv1_to_rgb(renamed["conv1.weight"])
     missing = [n for n in own if n not in renamed]
     resnet.load_state_dict(renamed, strict=False)
     if os.environ.get("LOCAL_RANK", "0") == "0":  # one process per machine speaks
-        print(f"backbone: loaded {len(renamed)}/{len(own)} tensors from {pretrained}"
-              + (f"; not found: {missing[:3]}{' ...' if len(missing) > 3 else ''}" if missing else ""))
-        if any(isinstance(m, nn.GroupNorm) for m in resnet.modules()) and any("running_mean" in n for n in state):
+        converted = " (conv1 converted from Caffe-style input)" if caffe else ""
+        not_found = f"; not found: {missing[:3]}{' ...' if len(missing) > 3 else ''}" if missing else ""
+        print(f"backbone: loaded {len(renamed)}/{len(own)} tensors from {source}{converted}{not_found}")
+        if group_norm and any("running_mean" in n for n in state):
             print("backbone: note: BatchNorm-trained weights loaded into GroupNorm, running statistics dropped "
                   "(see README, 'Initial weights')")
 
@@ -455,7 +483,20 @@ MEAN, STD = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.2
 
 class DataError(Exception):
     """A user's input that cannot be used: data set (missing, unpaired, corrupt, mislabelled), image,
-    weights, checkpoint or flag. The scripts print its message as one line and exit non-zero."""
+    weights, checkpoint or flag. The scripts print its message as one line and exit non-zero (`run_script`)."""
+
+
+def run_script(main, args):
+    """main(args), as every script runs it: a DataError (a user's mistake) or a FloatingPointError (a run that
+    diverged) ends as one `error: ...` line on stderr and exit status 1, not a traceback."""
+    try:
+        return main(args)
+    except (DataError, FloatingPointError) as e:
+        # A DataLoader worker's error arrives re-raised, its message holding the worker's traceback, which
+        # ends with "fornet.DataError: <our message>".
+        lines = str(e).strip().splitlines() or [type(e).__name__]
+        worker = [line.split("DataError: ", 1)[1] for line in lines if "DataError: " in line]
+        sys.exit("error: " + (worker[-1] if worker else lines[0]))
 
 
 def to_train_ids(label_ids):
@@ -713,7 +754,11 @@ def environment(device):
 
 def save_checkpoint(checkpoint, path):
     """torch.save, atomically: write a temporary file, then rename it, so that a kill at any moment
-    leaves the previous file intact."""
+    leaves the previous file intact. FloatingPointError, and nothing written, if checkpoint["model"] holds a
+    non-finite weight."""
+    weights = [t for t in checkpoint.get("model", {}).values() if t.is_floating_point()]
+    if weights and not torch.stack([torch.isfinite(t).all() for t in weights]).all():
+        raise FloatingPointError(f"non-finite weights at iteration {checkpoint.get('iter')}: {path} not written")
     tmp = Path(f"{path}.tmp")
     torch.save(checkpoint, tmp)
     os.replace(tmp, path)

@@ -308,23 +308,99 @@ def test_load_backbone_from_local_path(tmp_path, capsys, monkeypatch):
     torch.save(bn, tmp_path / "r50_bn.pth")
     gn = small_model(pretrained=str(tmp_path / "r50_bn.pth")).backbone.state_dict()
     assert torch.equal(gn["conv1.weight"], bn["conv1.weight"]) and torch.equal(gn["bn1.weight"], bn["bn1.weight"])
+
+
+def serve(monkeypatch, tmp_path, files):
+    """torch.hub downloads {url: local file} instead of reaching the network; its own hash check still runs."""
+    import email.message
+    import urllib.response
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.setattr(torch.hub, "urlopen", lambda request: urllib.response.addinfourl(
+        open(files[request.full_url], "rb"), email.message.Message(), request.full_url))
+
+
+def openmmlab_gn_resnet50(path):
+    """A GroupNorm ResNet-50 with random weights, saved as OpenMMLab publishes the GN authors' ResNets (gn1 for bn1,
+    under "state_dict"), its conv1 made for Caffe-style input. -> (the model, the URL it is served at)."""
+    import hashlib
+    import torchvision
+    torch.manual_seed(0)
+    original = torchvision.models.resnet50(replace_stride_with_dilation=[False, True, True],
+                                           norm_layer=lambda c: nn.GroupNorm(32, c)).eval()
+    for m in original.modules():
+        if isinstance(m, nn.GroupNorm):  # not the 1 / 0 of a fresh layer
+            nn.init.uniform_(m.weight, 0.5, 1.5), nn.init.uniform_(m.bias, -0.2, 0.2)
+    state = {k.replace("bn", "gn"): v for k, v in original.state_dict().items()}
+    torch.save({"state_dict": state}, path)
+    sha = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    return original, f"https://download.example/pretrain/resnet50_gn-{sha[:8]}.pth"
+
+
+def test_gn_imagenet_weights_are_converted_to_our_input(tmp_path, monkeypatch, capsys):
+    """The default GroupNorm weights (served in place of the download): FoRNet's backbone on normalize(rgb) returns
+    the features the original returns on the Caffe-style image (BGR, 0-255, minus the Caffe mean)."""
+    original, url = openmmlab_gn_resnet50(tmp_path / "gn.pth")
+    serve(monkeypatch, tmp_path, {url: tmp_path / "gn.pth"})
+    monkeypatch.setitem(fornet.GN_WEIGHTS, "resnet50", url)
+    model = FoRNet(backbone="resnet50", pretrained="imagenet").eval()
+    n = len(model.backbone.state_dict())  # every tensor of the file but fc's, which FoRNet has not
+    assert f"loaded {n}/{n} tensors from {url} (conv1 converted" in capsys.readouterr().out
+    assert (tmp_path / "torch_home" / "hub" / "checkpoints" / url.rsplit("/", 1)[1]).exists()  # cached for next time
+    rgb = torch.randint(0, 256, (2, 3, 64, 80), dtype=torch.uint8)
+    caffe = rgb.flip(1).float() - torch.tensor([103.53, 116.28, 123.675]).view(1, 3, 1, 1)  # (2, 3, H, W) BGR
+    r = model.backbone
+    with torch.no_grad():
+        ours = r.layer4(r.layer3(r.layer2(r.layer1(r.maxpool(r.relu(r.bn1(r.conv1(normalize(rgb)))))))))
+        theirs = original.layer4(original.layer3(original.layer2(original.layer1(original.maxpool(
+            original.relu(original.bn1(original.conv1(caffe))))))))
+        stem_ours, stem_theirs = r.conv1(normalize(rgb)), original.conv1(caffe)
+    torch.testing.assert_close(stem_ours, stem_theirs, rtol=1e-4, atol=1e-3 * stem_theirs.abs().max().item())
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+    unconverted = original.conv1(normalize(rgb))  # the file's conv1 fed our input: red and blue swapped, 1/255 scale
+    assert (unconverted - stem_theirs).abs().max() > 0.5 * stem_theirs.abs().max()
+
+
+def test_pretrained_weights_that_cannot_be_used_give_one_line(tmp_path, monkeypatch):
+    """A wrong hash, a file whose names match nothing, no network, a missing or foreign local file: DataError."""
+    _, url = openmmlab_gn_resnet50(tmp_path / "gn.pth")
     torch.save({"something": torch.zeros(3)}, tmp_path / "junk.pth")
+    wrong_hash = url.replace("_gn-", "_gn-0").replace(url.rsplit("-", 1)[1], "deadbeef.pth")
+    junk_url = "https://download.example/junk-" + __import__("hashlib").sha256(
+        (tmp_path / "junk.pth").read_bytes()).hexdigest()[:8] + ".pth"
+    serve(monkeypatch, tmp_path, {wrong_hash: tmp_path / "gn.pth", junk_url: tmp_path / "junk.pth"})
+    for served, message in ((wrong_hash, "invalid hash value"), (junk_url, "match no parameter of resnet50")):
+        monkeypatch.setitem(fornet.GN_WEIGHTS, "resnet50", served)
+        with pytest.raises(DataError, match=message) as e:
+            small_model(pretrained="imagenet")
+        assert "\n" not in str(e.value)
+    assert not list((tmp_path / "torch_home" / "hub" / "checkpoints").glob("deadbeef*"))  # nothing kept
+    monkeypatch.setattr(torch.hub, "urlopen", lambda request: (_ for _ in ()).throw(OSError("no network")))
+    monkeypatch.setitem(fornet.GN_WEIGHTS, "resnet50", url)
+    with pytest.raises(DataError, match=r"could not get the ImageNet weights of resnet50 \(no network\): put "
+                                        r".*resnet50_gn-.*torch_home/hub/checkpoints/, or pass .*or torchvision"):
+        small_model(pretrained="imagenet")
     with pytest.raises(DataError, match="match no parameter"):
         load_backbone(small_model().backbone, str(tmp_path / "junk.pth"), "resnet50")
     with pytest.raises(DataError, match="cannot read"):
         load_backbone(small_model().backbone, str(tmp_path / "missing.pth"), "resnet50")
 
 
-def test_load_backbone_imagenet_uses_torchvision_weights_api(monkeypatch):
-    """`pretrained="imagenet"` goes through torchvision's weights API (network replaced here)."""
+def test_torchvision_weights_for_batchnorm_and_for_the_a_b(tmp_path, monkeypatch, capsys):
+    """A BatchNorm model with "imagenet", and any model with "torchvision", get torchvision's IMAGENET1K_V2, here a
+    copy put in torch.hub's cache (an offline machine): convolutions and BN scale/shift by name, also into GN."""
     import torchvision
+    url = torchvision.models.ResNet50_Weights.IMAGENET1K_V2.url
     bn_state = small_model(norm="bn").backbone.state_dict()
-    calls = []
-    monkeypatch.setattr(torchvision.models.ResNet50_Weights.IMAGENET1K_V2.__class__, "get_state_dict",
-                        lambda self, *a, **kw: calls.append(self) or bn_state)
-    model = small_model(pretrained="imagenet")
-    assert calls == [torchvision.models.ResNet50_Weights.IMAGENET1K_V2]
-    assert torch.equal(model.backbone.state_dict()["layer4.2.conv3.weight"], bn_state["layer4.2.conv3.weight"])
+    cache = tmp_path / "torch_home" / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    torch.save(bn_state, cache / url.rsplit("/", 1)[1])
+    serve(monkeypatch, tmp_path, {})  # any download would fail
+    for norm, pretrained in (("bn", "imagenet"), ("gn", "torchvision")):
+        state = small_model(norm=norm, pretrained=pretrained).backbone.state_dict()
+        assert torch.equal(state["conv1.weight"], bn_state["conv1.weight"])  # no conversion: torchvision's input
+        assert torch.equal(state["layer4.2.bn3.weight"], bn_state["layer4.2.bn3.weight"])
+    out = capsys.readouterr().out
+    assert f"tensors from {url}\n" in out and "BatchNorm-trained weights loaded into GroupNorm" in out
 
 
 # ---------------------------------------------------------------- data
@@ -689,7 +765,7 @@ def test_offline_imagenet_weights_give_one_clear_line(toy, tmp_path):
     flags = [f for f in TINY if f not in ("--pretrained", "none")]
     r = run_train("--data", toy, "--out", tmp_path / "o", *flags, env=env)
     assert r.returncode != 0 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
-    assert "could not download the ImageNet weights of resnet50" in r.stderr and "--pretrained none" in r.stderr
+    assert "could not get the ImageNet weights of resnet50" in r.stderr and "--pretrained PATH" in r.stderr
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
@@ -702,6 +778,85 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint({"a": 2}, tmp_path / "last.pt")
     assert torch.load(tmp_path / "last.pt") == {"a": 1}
+
+
+def test_a_second_run_into_the_same_out_is_refused_and_touches_nothing(toy, tmp_path):
+    flags = ["--data", str(toy), "--iters", "2", *TINY]
+    train.main(train.get_args(flags + ["--out", str(tmp_path / "a")]))
+    train.main(train.get_args(flags + ["--out", str(tmp_path / "b")]))
+    files = lambda: {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}  # noqa: E731
+    before = files()
+    out = tmp_path / "a"
+    message = (f"--out {out} already holds a run \\(last.pt at iteration 2\\): continue it with --resume "
+               f"{out / 'last.pt'}, or pass another --out")
+    for argv in (flags + ["--out", str(out)], ["--toy", "--out", str(out)],  # the same command twice; the toy
+                 ["--resume", str(tmp_path / "b" / "last.pt"), "--out", str(out), "--iters", "4"]):  # b into a
+        with pytest.raises(DataError, match=message):
+            train.main(train.get_args(argv))
+    (out / "last.pt").unlink(), (out / "best.pt").unlink()
+    with pytest.raises(DataError, match=r"\(log.jsonl at iteration 2\)"):  # the log alone is a run too
+        train.main(train.get_args(flags + ["--out", str(out)]))
+    assert files() == {p: v for p, v in before.items() if p.name.endswith("jsonl") or p.parent.name != "a"}
+    train.main(train.get_args(["--resume", str(tmp_path / "b" / "last.pt"), "--iters", "4"]))  # its own run: goes on
+    assert load_checkpoint(tmp_path / "b" / "last.pt")["iter"] == 4
+
+
+def loss_not_finite_at(monkeypatch, steps):
+    """FoRNetLoss whose total is NaN at the given training steps (1 = the first)."""
+    calls, real_forward = [0], FoRNetLoss.forward
+
+    def forward(self, logits, sel, target):
+        calls[0] += 1
+        total, parts = real_forward(self, logits, sel, target)
+        return (total * math.nan if calls[0] in steps else total), parts
+    monkeypatch.setattr(FoRNetLoss, "forward", forward)
+
+
+def test_fp16_overflow_steps_are_skipped_counted_and_the_run_goes_on(toy, tmp_path, monkeypatch, capsys):
+    """CPU autocast fp16 with GradScaler("cpu"): a step whose loss (so gradients) is not finite is skipped by the
+    scaler, counted in the log line and log.jsonl; only an interval with no finite step stops the run."""
+    loss_not_finite_at(monkeypatch, {2, 3})
+    flags = ["--data", str(toy), "--iters", "6", "--log-every", "3", "--amp", "fp16", *TINY]
+    train.main(train.get_args(flags + ["--out", str(tmp_path / "a")]))
+    log = [line for line in capsys.readouterr().out.splitlines() if line.startswith("iter ")]
+    assert log[0].endswith("| fp16 skipped 2") and "skipped" not in log[1]
+    records = [json.loads(line) for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    assert [r["skipped"] for r in records if r["type"] == "train"] == [2, 0]
+    assert all(math.isfinite(r["loss"]) for r in records if r["type"] == "train")  # the mean of the kept steps
+    last = load_checkpoint(tmp_path / "a" / "last.pt")
+    assert all(v.isfinite().all() for v in last["model"].values()) and last["scaler"]["scale"] == 2.0**16 / 4
+    loss_not_finite_at(monkeypatch, {4, 5, 6})
+    with pytest.raises(FloatingPointError, match="all 3 steps of iterations 4-6 overflowed in fp16 and were skipped"):
+        train.main(train.get_args(flags + ["--out", str(tmp_path / "b")]))
+
+
+def test_a_non_finite_loss_stops_the_run_before_any_checkpoint_holds_it(toy, tmp_path, monkeypatch):
+    """float32 (as bf16): NaN at iteration 3 makes the weights NaN; the checkpoint due at 4 stops the run, naming
+    iteration 3, before the log line at 5; last.pt stays the one of iteration 2."""
+    loss_not_finite_at(monkeypatch, {3})
+    with pytest.raises(FloatingPointError, match=r"non-finite loss at iteration 3: loss nan \(ce .*\): resume"):
+        train.main(train.get_args(["--data", str(toy), "--out", str(tmp_path), "--iters", "8", "--log-every", "5",
+                                   "--save-every", "2", *TINY]))
+    assert load_checkpoint(tmp_path / "last.pt")["iter"] == 2
+    nan = {"model": {"w": torch.tensor([1.0, math.nan]), "step": torch.tensor(3)}, "iter": 7}
+    with pytest.raises(FloatingPointError, match="non-finite weights at iteration 7"):
+        save_checkpoint(nan, tmp_path / "last.pt")  # the last guard, in every save
+    assert load_checkpoint(tmp_path / "last.pt")["iter"] == 2 and not list(tmp_path.glob("*.tmp"))
+    with pytest.raises(SystemExit, match="^error: non-finite weights at iteration 7"):  # the scripts' one line
+        fornet.run_script(lambda args: save_checkpoint(nan, tmp_path / "last.pt"), None)
+
+
+def test_norm_bn_under_torchrun_without_gpus_says_it_is_not_synchronised(monkeypatch, capsys):
+    import torch.distributed as dist
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1"), monkeypatch.setenv("MASTER_PORT", "29517")
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        args = train.get_args(["--norm", "bn", "--batch-size", "4", "--backbone", "resnet50", "--pretrained", "none"])
+        model = train.make_model(args, None, torch.device("cpu"), ddp=True)[0]
+    finally:
+        dist.destroy_process_group()
+    assert "note: --norm bn without GPUs: SyncBatchNorm needs NCCL" in capsys.readouterr().out
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
 
 
 def test_torchrun_two_processes_optimise_what_one_does(toy, tmp_path):
@@ -1331,3 +1486,31 @@ def test_cuda_toy_trains_as_well_with_bf16_group_norm_as_with_nn_group_norm(tmp_
         miou[name] = load_checkpoint(out / "best.pt")["miou"]
     print("measured: toy val mIoU on the GPU, bf16: " + " | ".join(f"{k} {v:.4f}" for k, v in miou.items()))
     assert abs(miou["fornet.GroupNorm (bf16)"] - miou["nn.GroupNorm (float32)"]) <= 0.03
+
+
+@cuda_tier
+def test_cuda_training_step_does_not_wait_for_the_gpu():
+    """bf16, and fp16 with fused AdamW and GradScaler, as the loop runs them: CUDA's sync debug mode raises on any
+    host sync inside train_step (the loop reads device values only at log lines, validations and checkpoints)."""
+    model = small_model().cuda()
+    optimizer, loss_fn = train.make_optimizer(model, 1e-4, 0.01, fused=True), FoRNetLoss(num_classes=5)
+    x = normalize(torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8).cuda())
+    y = block_target(2, 64, 64, 5).cuda()
+    for dtype in (torch.bfloat16, torch.float16):
+        scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+        step = lambda: train.train_step(model, lambda out, t: loss_fn(*out, t), optimizer, scaler, x, y, dtype)  # noqa
+        step()  # the first step initialises the scaler and the optimizer state
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            step(), step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+
+@cuda_tier
+def test_cuda_norm_bn_under_torchrun_is_sync_batchnorm(cuda_run, tmp_path):
+    run = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", str(REPO / "train.py")]
+    r = subprocess.run(run + ["--data", str(cuda_run / "data"), "--out", str(tmp_path), "--iters", "2", "--norm", "bn",
+                              "--device", "cuda", *TINY], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert r.returncode == 0 and "norm: BatchNorm -> SyncBatchNorm over 1 GPUs" in r.stdout, r.stderr[-2000:]
+    assert load_model(tmp_path / "best.pt")[1]["model"]["norm"] == "bn"  # plain BatchNorm names in the checkpoint

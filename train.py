@@ -4,31 +4,29 @@
     torchrun --nproc_per_node=4 train.py --data /path/to/cityscapes   # several GPUs (DDP), the same objective
     python train.py --resume runs/fornet/last.pt                      # continue exactly where the run stopped
     python train.py --toy                                             # synthetic demo, CPU, a few minutes
-    python train.py --benchmark [--compile] [--data ...]              # cost per step vs DeepLabV3; no data needed
 
 Recipe (Sec. 3.1, 4.1): ResNet-101 with GroupNorm, AdamW lr 1e-4, batch 8, crop 768, 200 epochs, random
 scale / crop / flip, poly schedule, CE + Dice + selector loss. Our choices where the paper is silent (README):
-torchvision's ImageNet weights to start from, poly power 0.9, weight decay 0.01, scale range 0.5-2, mixed
-precision (bf16, or fp16 on older GPUs).
-Writes into --out: log.jsonl (a JSON record per log line and per validation), last.pt, best.pt.
+GroupNorm-trained ImageNet weights to start from, poly power 0.9, weight decay 0.01, scale range 0.5-2, mixed
+precision (bf16, or fp16 on older GPUs). Costs per step and per part of the model: bench.py.
+Writes into --out: log.jsonl (a JSON record per log line and per validation), last.pt, best.pt; an --out that
+already holds a run is refused.
 """
 import argparse
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as TF
-import torchvision
+import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.flop_counter import FlopCounterMode
 
 from fornet import (CLASSES, Cityscapes, ConfusionMatrix, DataError, FoRNet, FoRNetLoss, TrainTransform, environment,
-                    load_checkpoint, make_toy_cityscapes, normalize, peak_memory, resolve_amp, save_checkpoint)
+                    load_checkpoint, make_toy_cityscapes, normalize, peak_memory, resolve_amp, run_script,
+                    save_checkpoint)
 
 MODEL, LOSS = FoRNet.__init__.__kwdefaults__, FoRNetLoss.__init__.__kwdefaults__  # the paper's values live there
 # --toy changes these defaults (flags given on the command line still win): a ResNet-50 with a
@@ -36,8 +34,8 @@ MODEL, LOSS = FoRNet.__init__.__kwdefaults__, FoRNetLoss.__init__.__kwdefaults__
 # From scratch, poles, signs, lights and people appear only after ~300 iterations at lr 2e-3: 400 leave a margin.
 TOY = dict(data="runs/toy/data", out="runs/toy", backbone="resnet50", pretrained="none", channels=64, crop=96,
            batch_size=4, iters=400, lr=2e-3, workers=0, log_every=50, val_every=0)
-CITYSCAPES_TRAIN = 2975  # images in the fine train split: what --benchmark projects the recipe's duration with
 VAL_PROGRESS = 100  # a progress line every this many validation images
+RUN_FILES = ("last.pt", "best.pt", "log.jsonl")  # what a run writes into --out
 
 
 def get_args(argv=None):
@@ -52,7 +50,9 @@ def get_args(argv=None):
     g = p.add_argument_group("model")
     g.add_argument("--backbone", choices=("resnet101", "resnet50"), default="resnet101", help="Sec. 3.1: resnet101")
     g.add_argument("--pretrained", default="imagenet",
-                   help="imagenet (torchvision's weights, downloaded once) | none (from scratch) | PATH to a .pth")
+                   help="imagenet (trained with --norm's layers: GroupNorm weights from OpenMMLab, BatchNorm ones "
+                        "from torchvision; downloaded once) | torchvision (BatchNorm-trained, also into GroupNorm) | "
+                        "none (from scratch) | PATH to a .pth trained on RGB input with ImageNet mean/std")
     g.add_argument("--norm", choices=("gn", "bn"), default="gn", help="gn = the paper; bn = deviation for BN weights")
     g.add_argument("--channels", type=int, default=MODEL["channels"], help="width C of the head")
     g.add_argument("--dilation", type=int, default=MODEL["dilation"], help="7×7 branch dilation (Sec. 4.5: 1-16)")
@@ -86,9 +86,6 @@ def get_args(argv=None):
     g.add_argument("--resume", help="continue the run in this last.pt; flags given here win over the stored ones")
     g.add_argument("--seed", type=int, default=0, help="model init, data order and augmentation")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
-    g = p.add_argument_group("benchmark")
-    g.add_argument("--benchmark", action="store_true", help="time training steps on random data, vs DeepLabV3")
-    g.add_argument("--bench-iters", type=int, default=10, help="timed steps (after 3 warm-up steps)")
     args = p.parse_args(argv)
     if args.dilation < 1 or not all(0 < r <= 1 for r in args.ratios):
         p.error("--dilation must be ≥ 1 (Table 2's '0 (no dilation)' is --dilation 1) and each of --ratios in (0, 1]")
@@ -151,20 +148,24 @@ def make_optimizer(model, lr, weight_decay, fused=False):
     return torch.optim.AdamW(groups, lr=lr, fused=fused)
 
 
-def train_step(model, loss_of, optimizer, scaler, image, target, amp_dtype, it=0):
+def train_step(model, loss_of, optimizer, scaler, image, target, amp_dtype):
     """One step: forward under autocast (amp_dtype None = float32), loss_of(output, target) -> (total, parts) in
-    float32, backward through the fp16 loss scaler (a no-op otherwise), optimizer step. -> (total, parts)"""
+    float32, backward through the fp16 loss scaler (a no-op otherwise), optimizer step.
+
+    -> (total, parts, skipped), device tensors: nothing here waits for the GPU. skipped is 1 when the fp16 scaler
+    skipped the step because its gradients overflowed (inf/NaN; it then halves its scale), else 0.
+    """
     with torch.autocast(image.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         out = model(image)
     total, parts = loss_of(out, target)
-    if not torch.isfinite(total):  # the one host sync per step
-        raise FloatingPointError(f"non-finite loss at iteration {it}: total {total.item()}, "
-                                 + ", ".join(f"{k} {v.item():.4g}" for k, v in parts.items()))
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(total).backward()
+    # GradScaler's scale as a device tensor (get_scale() would wait for the GPU); None unless fp16.
+    scale = scaler._get_scale_async().clone() if scaler.is_enabled() else None
     scaler.step(optimizer)
     scaler.update()
-    return total, parts
+    skipped = scaler._get_scale_async() < scale if scaler.is_enabled() else torch.zeros((), device=total.device)
+    return total, parts, skipped.float()
 
 
 @torch.no_grad()
@@ -187,138 +188,104 @@ def validate(model, dataset, device, rank=0, world=1, workers=0, log=print):
     return {**cm.compute(), "images": n, "seconds": time.time() - t0}
 
 
-def open_log(out, resume=None, it=0):
-    """<out>/log.jsonl, opened for appending. On --resume it first gets the records up to the checkpoint's iteration
-    from the log.jsonl beside the checkpoint: those after it were written by the run that died after its last
-    checkpoint and are written again, so every iteration appears once."""
-    path, source, kept = Path(out) / "log.jsonl", Path(resume or "").parent / "log.jsonl", []
-    for line in source.read_text().splitlines() if resume and source.exists() else []:
-        try:
-            kept += [line + "\n"] if json.loads(line)["iter"] <= it else []
-        except (ValueError, KeyError, TypeError):  # the line a kill cut short
-            pass
-    Path(f"{path}.tmp").write_text("".join(kept))
-    os.replace(f"{path}.tmp", path)
-    return open(path, "a")
-
-
-def benchmark(args, device):
-    """Training steps on random data, FoR-Net (our loss) vs torchvision's DeepLabV3 (cross-entropy), same settings."""
-    B, size = args.batch_size, (args.crop, args.crop)
-    amp, amp_dtype = resolve_amp(args.amp, device)
-    deeplab = getattr(torchvision.models.segmentation, f"deeplabv3_{args.backbone}")
-    fornet_loss = FoRNetLoss(lambda_dice=args.lambda_dice, lambda_sel=args.lambda_sel)
-    models = [(f"FoR-Net ({args.backbone})", lambda: FoRNet(**model_kwargs(args)), lambda out, y: fornet_loss(*out, y)),
-              (f"DeepLabV3 ({args.backbone})", lambda: deeplab(weights=None, weights_backbone=None, num_classes=19,
-                                                               aux_loss=False),
-               lambda out, y: (TF.cross_entropy(out["out"], y, ignore_index=255), {}))]
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    print(f"{environment(device)}\n{B}×3×{size[0]}×{size[1]} | amp {amp} | compile {args.compile} | channels-last "
-          f"{args.channels_last} | 3 warm-up + {args.bench_iters} timed steps\n{'model':<22}{'img/s':>8}{'ms/step':>10}"
-          f"{'1st step s':>11}{'peak GiB':>10}{'TFLOP/s':>9}{f'{args.epochs} epochs (h)':>16}")
-    rows = []
-    for name, build, loss_of in models:
-        with torch.device("meta"), FlopCounterMode(display=False) as counter:
-            build()(torch.empty(B, 3, *size))
-        model = build().to(device, memory_format=memory_format).train()
-        step_model = torch.compile(model) if args.compile else model
-        optimizer = make_optimizer(model, 1e-4, args.weight_decay, fused=device.type == "cuda")
-        scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-        x = normalize(torch.randint(0, 256, (B, 3, *size), dtype=torch.uint8, device=device))
-        x = x.contiguous(memory_format=memory_format)
-        y = torch.randint(0, 19, (B, *size), device=device)
-        t0 = time.perf_counter()
-        for i in range(3 + args.bench_iters):
-            if i == 1:
-                sync()
-                first = time.perf_counter() - t0  # with --compile: the compilation
-            if i == 3:
-                sync()
-                peak_memory(device, reset=True)
-                t0 = time.perf_counter()
-            train_step(step_model, loss_of, optimizer, scaler, x, y, amp_dtype, i)
-        sync()
-        step = (time.perf_counter() - t0) / args.bench_iters
-        tflops = 3 * counter.get_total_flops() / step / 1e12  # training ≈ 3 × the forward pass's FLOPs
-        hours = args.epochs * CITYSCAPES_TRAIN / (B / step) / 3600
-        rows.append((name, B / step, 1e3 * step, first, peak_memory(device), tflops, hours))
-        print(f"{name:<22}{B / step:>8.2f}{1e3 * step:>10.0f}{first:>11.1f}{rows[-1][4]:>10.2f}{tflops:>9.2f}"
-              f"{hours:>16.1f}")
-        del model, step_model, optimizer
-    print(f"step time FoR-Net / DeepLabV3: {rows[0][2] / rows[1][2]:.2f}")
-    if args.data:  # the data pipeline in this one process: what one --workers process delivers
-        train_set = Cityscapes(args.data, "train")
-        n = min(len(train_set), 20)
-        for name, transform in (("decode", None), ("decode + augment", TrainTransform(args.crop, tuple(args.scale)))):
-            train_set.transform, t0 = transform, time.perf_counter()
-            for i in range(n):
-                train_set[i]
-            per_worker = n / (time.perf_counter() - t0)
-            print(f"loader, {name}: {per_worker:.1f} img/s per worker")
-        print(f"--workers needed to feed {rows[0][1]:.1f} img/s: {math.ceil(rows[0][1] / per_worker)}")
-    return rows
-
-
 def model_kwargs(args):
     """The FoRNet keyword arguments of a run (stored as config["model"]; evaluate.py rebuilds the model from them)."""
     return dict(num_classes=19, backbone=args.backbone, norm=args.norm, channels=args.channels, dilation=args.dilation,
                 ratios=tuple(args.ratios), straight_through=args.straight_through)
 
 
-def main(args):
-    if args.resume:  # the stored flags, except those given on this command line
-        ckpt = load_checkpoint(args.resume)
-        if "optimizer" not in ckpt:
-            raise DataError(f"{args.resume} holds weights only (a best.pt): --resume needs the run's last.pt")
-        vars(args).update({k: v for k, v in ckpt["config"].items() if k in vars(args) and k not in args.explicit})
+# ---------------------------------------------------------------- set-up: resume, GPUs, output, data, model
+
+
+def resume_state(args):
+    """--resume: the checkpoint (None without), its flags copied into args except those this command line gives."""
+    if not args.resume:
+        return None
+    ckpt = load_checkpoint(args.resume)
+    if "optimizer" not in ckpt:
+        raise DataError(f"{args.resume} holds weights only (a best.pt): --resume needs the run's last.pt")
+    vars(args).update({k: v for k, v in ckpt["config"].items() if k in vars(args) and k not in args.explicit})
+    return ckpt
+
+
+def refuse_to_overwrite(args):
+    """DataError if --out already holds a run that this one would overwrite: any but the one being resumed."""
+    out = Path(args.out)
+    found = [name for name in RUN_FILES if (out / name).exists() and (out / name).stat().st_size > 0]
+    if not found or (args.resume and out.resolve() == Path(args.resume).resolve().parent):
+        return
+    try:
+        at = load_checkpoint(out / found[0])["iter"] if found[0].endswith(".pt") else \
+            json.loads((out / found[0]).read_text().splitlines()[-1])["iter"]
+    except (DataError, ValueError, IndexError, KeyError):  # unreadable, empty, or a line cut short
+        at = "?"
+    raise DataError(f"--out {out} already holds a run ({found[0]} at iteration {at}): continue it with "
+                    f"--resume {out / 'last.pt'}, or pass another --out")
+
+
+def setup_distributed(args):
+    """torchrun sets RANK, LOCAL_RANK and WORLD_SIZE: one process per GPU. -> (ddp, rank, world, device)."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     if args.batch_size % world:
         raise DataError(f"--batch-size {args.batch_size} is the total over all GPUs: it must be divisible by {world}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise DataError(f"--device {args.device}: no GPU visible (use --device cpu)")
-    torch.backends.cudnn.benchmark = True  # fixed-size crops: cuDNN picks its fastest kernels once
-    if args.benchmark:
-        return benchmark(args, torch.device(args.device))
+    if "RANK" not in os.environ:
+        return False, 0, 1, torch.device(args.device)
+    dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+    device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if args.device.startswith("cuda") else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return True, dist.get_rank(), world, device
 
-    # ---- distributed set-up: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE
-    ddp = "RANK" in os.environ
-    if ddp:
-        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
-        rank = dist.get_rank()
-        device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if args.device.startswith("cuda") else "cpu")
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-    else:
-        rank, device = 0, torch.device(args.device)
-    master = rank == 0
-    log = print if master else (lambda *a, **k: None)
-    it = ckpt["iter"] if args.resume else 0
-    if master:
+
+class RunLog:
+    """What a run says: lines printed for the person watching, and <out>/log.jsonl, one JSON record per line,
+    flushed as written, for the person who comes back later. Only rank 0 speaks.
+
+    On --resume the new log.jsonl starts with the records up to the checkpoint's iteration from the log.jsonl
+    beside the checkpoint: those after it were written by the run that died after its last checkpoint and are
+    written again, so every iteration appears once."""
+
+    def __init__(self, out, master, resume=None, it=0):
+        self.master, self.file = master, None
+        if not master:
+            return
+        path, source, kept = Path(out) / "log.jsonl", Path(resume or "").parent / "log.jsonl", []
+        for line in source.read_text().splitlines() if resume and source.exists() else []:
+            try:
+                kept += [line + "\n"] if json.loads(line)["iter"] <= it else []
+            except (ValueError, KeyError, TypeError):  # the line a kill cut short
+                pass
         try:
-            Path(args.out).mkdir(parents=True, exist_ok=True)
-            log_file = open_log(args.out, args.resume, it)
+            Path(out).mkdir(parents=True, exist_ok=True)
+            Path(f"{path}.tmp").write_text("".join(kept))
+            os.replace(f"{path}.tmp", path)
+            self.file = open(path, "a")
         except OSError as e:
-            raise DataError(f"--out {args.out}: cannot write there ({e.strerror or e})") from None
+            raise DataError(f"--out {out}: cannot write there ({e.strerror or e})") from None
 
-    def record(kind, **fields):  # one line of log.jsonl, flushed: a kill -9 loses at most the line being written
-        if master:
-            log_file.write(json.dumps({"type": kind, **fields, "time": round(time.time(), 3)}) + "\n")
-            log_file.flush()
+    def print(self, text):
+        if self.master:
+            print(text)
 
-    if args.resume:
-        log(f"resuming {args.resume} at iteration {it}")
-    if args.toy and master and not (Path(args.data) / "leftImg8bit").is_dir():
-        log(f"generating the toy data set in {args.data}")
+    def record(self, kind, **fields):  # flushed: a kill -9 loses at most the line being written
+        if self.master:
+            self.file.write(json.dumps({"type": kind, **fields, "time": round(time.time(), 3)}) + "\n")
+            self.file.flush()
+
+
+def make_data(args, it, rank, world, device, ddp):
+    """-> (train_set, val_set, loader, iters, iters_per_epoch): uint8 crops from the loader processes, normalised
+    later on the device; the loader's order continues at iteration `it` (`Stream`)."""
+    if args.toy and rank == 0 and not (Path(args.data) / "leftImg8bit").is_dir():
+        print(f"generating the toy data set in {args.data}")
         make_toy_cityscapes(args.data)
     if ddp:
         dist.barrier()  # the toy set exists before any rank reads it
     if not args.data or not Path(args.data).is_dir():
         raise DataError(f"--data {args.data!r}: no such directory (give the Cityscapes root, or use --toy)")
     args.data = str(Path(args.data).resolve())  # stored in the checkpoint for evaluate.py
-    torch.manual_seed(args.seed)
-
-    # ---- data: uint8 images and targets from the workers, normalised on the device
     train_set = Cityscapes(args.data, "train", transform=TrainTransform(args.crop, tuple(args.scale)))
     val_set = Cityscapes(args.data, "val")
     if args.val_limit:
@@ -326,126 +293,197 @@ def main(args):
     iters_per_epoch = len(train_set) // args.batch_size
     if iters_per_epoch == 0:
         raise DataError(f"{len(train_set)} training images are fewer than one batch of {args.batch_size}")
-    iters = args.iters or args.epochs * iters_per_epoch
-    if it >= iters:
-        log(f"{args.resume} is at iteration {it} of {iters}: nothing left to do (give a larger --iters to go on)")
-        return
     stream = Stream(len(train_set), args.batch_size, seed=args.seed, start=it, rank=rank, world=world)
     loader = torch.utils.data.DataLoader(Seeded(train_set), batch_size=args.batch_size // world, sampler=stream,
                                          num_workers=args.workers, pin_memory=device.type == "cuda")
+    return train_set, val_set, loader, args.iters or args.epochs * iters_per_epoch, iters_per_epoch
 
-    # ---- model, objective, optimiser
-    pretrained = None if args.pretrained == "none" or args.resume else args.pretrained
+
+def make_model(args, ckpt, device, ddp):
+    """-> (model, optimizer, scaler, best_miou), from scratch / ImageNet weights, or the state in `ckpt`."""
+    pretrained = None if args.pretrained == "none" or ckpt else args.pretrained
     first_on_machine = os.environ.get("LOCAL_RANK", "0") == "0"
     if ddp and not first_on_machine:
         dist.barrier()  # one process per machine downloads the ImageNet weights into torch's cache first
-    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    model = FoRNet(**model_kwargs(args), pretrained=pretrained).to(device, memory_format=memory_format)
+    model = FoRNet(**model_kwargs(args), pretrained=pretrained)
     if ddp and first_on_machine:
         dist.barrier()
-    loss_fn = FoRNetLoss(num_classes=19, lambda_dice=args.lambda_dice, lambda_sel=args.lambda_sel)
+    if ddp and args.norm == "bn":  # batch statistics over all GPUs, as one GPU with the whole batch computes them
+        if device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if dist.get_rank() == 0:
+            print(f"norm: BatchNorm -> SyncBatchNorm over {dist.get_world_size()} GPUs" if device.type == "cuda" else
+                  "note: --norm bn without GPUs: SyncBatchNorm needs NCCL, so each process normalises over its own "
+                  f"{args.batch_size // dist.get_world_size()} images, not the one-GPU objective")
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    model = model.to(device, memory_format=memory_format)
     optimizer = make_optimizer(model, args.lr, args.weight_decay, fused=device.type == "cuda")
     amp, amp_dtype = resolve_amp(args.amp, device)  # args.amp keeps the request ("auto"): a resume decides anew
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)  # a no-op unless fp16
-    best_miou = -math.inf  # the first validation always writes best.pt
-    if args.resume:
-        try:
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            if ckpt["scaler"]:  # empty when the run had no fp16 loss scaling
-                scaler.load_state_dict(ckpt["scaler"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise DataError(f"cannot resume from {args.resume}: {str(e).splitlines()[0]}") from None
-        best_miou = ckpt.get("best_miou", -math.inf)
-    raw_model = model  # what is saved and validated: no "module." or "_orig_mod." in its state-dict names
+    if not ckpt:
+        return model, optimizer, scaler, -math.inf  # the first validation always writes best.pt
+    try:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt["scaler"]:  # empty when the run had no fp16 loss scaling
+            scaler.load_state_dict(ckpt["scaler"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise DataError(f"cannot resume from {args.resume}: {str(e).splitlines()[0]}") from None
+    return model, optimizer, scaler, ckpt.get("best_miou", -math.inf)
+
+
+# ---------------------------------------------------------------- the loop's log lines, validation and checkpoints
+
+
+class Interval:
+    """The steps since the last log line. Their loss terms stay on the device, a (5,) row per step (loss, ce,
+    dice, sel, skipped), and reach the host at once only in `rows()`: at log lines, validations and checkpoints.
+    Time spent in validation and checkpoints is left out (`pause`), so img/s and the ETA count training only."""
+
+    def __init__(self, it):
+        self.it_start, self.train_time = it, 0.0  # this process's first iteration; training seconds so far
+        self.reset(it)
+
+    def reset(self, it):
+        self.it, self.steps, self.wait, self.t0 = it, [], 0.0, time.time()  # the interval starts after iteration it
+
+    def add(self, total, parts, skipped):
+        self.steps.append(torch.stack([total.detach(), *parts.values(), skipped]))  # (5,), no host sync
+
+    def pause(self, seconds):
+        self.t0 += seconds
+
+    def rows(self):
+        """The steps' rows on the host, those the fp16 scaler skipped left out. FloatingPointError for a step whose
+        loss is not finite (bf16, float32: its update made the weights non-finite), or an interval whose every
+        step the fp16 scaler skipped."""
+        rows = torch.stack(self.steps).tolist() if self.steps else []
+        kept = [r for r in rows if not r[4]]
+        for i, r in enumerate(rows):
+            if not r[4] and not all(map(math.isfinite, r)):
+                raise FloatingPointError(f"non-finite loss at iteration {self.it + i + 1}: loss {r[0]:.4g} (ce "
+                                         f"{r[1]:.4g}, dice {r[2]:.4g}, sel {r[3]:.4g}): resume from the last "
+                                         "checkpoint with a lower --lr or --amp off")
+        if rows and not kept:
+            raise FloatingPointError(f"all {len(rows)} steps of iterations {self.it + 1}-{self.it + len(rows)} "
+                                     "overflowed in fp16 and were skipped: use --amp bf16 (GPUs of compute "
+                                     "capability ≥ 8.0) or --amp off")
+        return rows, kept
+
+
+def log_interval(log, interval, it, iters, lr, batch_size, iters_per_epoch, val_every, val_seconds, device):
+    """The log line and log.jsonl "train" record of the interval that ends at iteration `it`."""
+    rows, kept = interval.rows()
+    dt = time.time() - interval.t0
+    interval.train_time += dt
+    terms = dict(zip(["loss", "ce", "dice", "sel"], torch.tensor(kept)[:, :4].mean(0).tolist()))  # interval means
+    # ETA: training time per iteration so far, plus the validations to come: at the multiples of --val-every in
+    # [it, iters) and the final one, each timed by the last one (before the first, counted).
+    vals_left = 1 + ((iters - 1) // val_every - (it - 1) // val_every if val_every else 0)
+    eta = interval.train_time / (it - interval.it_start) * (iters - it)
+    hm = lambda s: f"{int(s // 3600)}:{int(s % 3600 // 60):02d}"  # noqa: E731
+    eta = hm(eta + vals_left * val_seconds) if val_seconds is not None else f"{hm(eta)} + {vals_left} val"
+    fields = dict(iter=it, epoch=it / iters_per_epoch, lr=lr, **terms, skipped=len(rows) - len(kept),
+                  img_s=len(rows) * batch_size / dt, data_wait=interval.wait / dt, mem_gib=peak_memory(device))
+    log.print(f"iter {it}/{iters} | epoch {fields['epoch']:.1f} | loss {terms['loss']:.4f} ("
+              + " ".join(f"{k} {terms[k]:.4f}" for k in ("ce", "dice", "sel"))
+              + f") | lr {lr:.2e} | {fields['img_s']:.1f} img/s | data wait {fields['data_wait']:.0%} | "
+              f"mem {fields['mem_gib']:.1f} GiB | eta {eta}" + (f" | fp16 skipped {fields['skipped']}"
+                                                                 if fields["skipped"] else ""))
+    log.record("train", **fields)
+    peak_memory(device, reset=True)
+    interval.reset(it)
+
+
+def log_validation(log, result, it, iters, device):
+    mem = peak_memory(device)
+    log.print(f"val {it}/{iters} | mIoU {result['miou']:.4f} | pixel acc {result['acc']:.4f} | {result['images']} "
+              f"images in {result['seconds']:.0f} s | mem {mem:.1f} GiB")
+    log.record("val", iter=it, miou=result["miou"], acc=result["acc"], images=result["images"],
+               seconds=result["seconds"], mem_gib=mem,
+               iou={c: None if math.isnan(v) else v for c, v in zip(CLASSES, result["iou"].tolist())})
+
+
+def save(out, name, model, config, it, **extra):
+    """<out>/best.pt (what inference needs: extra = miou) or <out>/last.pt (the full training state: extra =
+    optimizer, scaler, best_miou); never with non-finite weights (`save_checkpoint`)."""
+    save_checkpoint({"model": model.state_dict(), "config": config, "iter": it, **extra}, Path(out) / name)
+
+
+# ---------------------------------------------------------------- main
+
+
+def main(args):
+    ckpt = resume_state(args)
+    ddp, rank, world, device = setup_distributed(args)
+    refuse_to_overwrite(args)  # on every rank, before anything is written
+    torch.backends.cudnn.benchmark = True  # fixed-size crops: cuDNN picks its fastest kernels once
+    it, master = ckpt["iter"] if ckpt else 0, rank == 0
+    train_set, val_set, loader, iters, iters_per_epoch = make_data(args, it, rank, world, device, ddp)
+    if it >= iters:  # a finished run, resumed
+        print(f"{args.resume} is at iteration {it} of {iters}: nothing left to do (give a larger --iters to go on)")
+        return
+    torch.manual_seed(args.seed)  # the model's initial weights
+    raw_model, optimizer, scaler, best_miou = make_model(args, ckpt, device, ddp)
+    log = RunLog(args.out, master, args.resume, it)  # the first file this run writes
+    if ckpt:
+        log.print(f"resuming {args.resume} at iteration {it}")
+    model = raw_model  # raw_model is saved and validated: no "module." or "_orig_mod." in its state-dict names
     if ddp:
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if args.compile:
         model = torch.compile(model)
-
-    config = {**{k: v for k, v in vars(args).items() if k != "explicit"}, "model": model_kwargs(args)}
-    val_seconds = None  # the last validation's duration: the ETA counts the ones still to come with it
-
-    def run_validation():
-        nonlocal best_miou, val_seconds
-        peak_memory(device, reset=True)
-        result = validate(raw_model, val_set, device, rank, world, args.workers, log)
-        val_seconds, mem = result["seconds"], peak_memory(device)
-        log(f"val {it}/{iters} | mIoU {result['miou']:.4f} | pixel acc {result['acc']:.4f} | {result['images']} "
-            f"images in {val_seconds:.0f} s | mem {mem:.1f} GiB")
-        record("val", iter=it, miou=result["miou"], acc=result["acc"], images=result["images"], seconds=val_seconds,
-               mem_gib=mem, iou={c: None if math.isnan(v) else v for c, v in zip(CLASSES, result["iou"].tolist())})
-        if master:
-            if result["miou"] > best_miou:  # best.pt: what inference needs, no optimizer state
-                best_miou = result["miou"]
-                save_checkpoint({"model": raw_model.state_dict(), "config": config, "iter": it, "miou": best_miou},
-                                Path(args.out) / "best.pt")
-            save_last()
-        peak_memory(device, reset=True)
-
-    def save_last():  # last.pt: the full training state, for --resume
-        save_checkpoint({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scaler": scaler.state_dict(), "iter": it, "config": config, "best_miou": best_miou},
-                        Path(args.out) / "last.pt")
-
-    log(f"{len(train_set)} train / {len(val_set)} val images | {iters} iterations of {args.batch_size} "
-        f"({iters / iters_per_epoch:.1f} epochs) on {world} × {device.type} | amp {amp} | log {args.out}/log.jsonl")
-    record("run", iter=it, iters=iters, world=world, device=str(device), amp=amp, environment=environment(device),
-           config=config)
-
-    # ---- the loop
-    data = iter(loader)
-    model.train()
+    loss_fn = FoRNetLoss(num_classes=19, lambda_dice=args.lambda_dice, lambda_sel=args.lambda_sel)
     loss_of = lambda out, y: loss_fn(*out, y)  # noqa: E731
-    sums, wait, train_time, it_start, it_log = 0, 0.0, 0.0, it, it  # sums: loss terms since the last log line
+    amp, amp_dtype = resolve_amp(args.amp, device)
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    config = {**{k: v for k, v in vars(args).items() if k != "explicit"}, "model": model_kwargs(args)}
+    log.print(f"{len(train_set)} train / {len(val_set)} val images | {iters} iterations of {args.batch_size} "
+              f"({iters / iters_per_epoch:.1f} epochs) on {world} × {device.type} | amp {amp} | "
+              f"log {args.out}/log.jsonl")
+    log.record("run", iter=it, iters=iters, world=world, device=str(device), amp=amp,
+               environment=environment(device), config=config)
+
+    data, interval, val_seconds = iter(loader), Interval(it), None
+    model.train()
     peak_memory(device, reset=True)
-    t_log = time.time()
     while it < iters:
         lr = poly_lr(it, iters, args.lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
         t_data = time.time()
         image, target = next(data)  # (B, 3, crop, crop) uint8, (B, crop, crop) uint8
-        wait += time.time() - t_data
+        interval.wait += time.time() - t_data
         image = normalize(image.to(device, non_blocking=True)).contiguous(memory_format=memory_format)  # float32
         target = target.to(device, non_blocking=True).long()
-        total, parts = train_step(model, loss_of, optimizer, scaler, image, target, amp_dtype, it)
-        sums = sums + torch.stack([total.detach(), *parts.values()])  # (4,) on the device: no host sync
+        interval.add(*train_step(model, loss_of, optimizer, scaler, image, target, amp_dtype))
         it += 1
 
         if it % args.log_every == 0 or it == iters:
-            dt = time.time() - t_log
-            train_time += dt
-            terms = dict(zip(["loss", *parts], (sums / (it - it_log)).tolist()))  # means over the interval
-            # validations to come: at the multiples of --val-every in [it, iters), and the final one
-            vals_left = 1 + ((iters - 1) // args.val_every - (it - 1) // args.val_every if args.val_every else 0)
-            eta = train_time / (it - it_start) * (iters - it)
-            hm = lambda s: f"{int(s // 3600)}:{int(s % 3600 // 60):02d}"  # noqa: E731
-            eta = hm(eta + vals_left * val_seconds) if val_seconds is not None else f"{hm(eta)} + {vals_left} val"
-            fields = dict(iter=it, epoch=it / iters_per_epoch, lr=lr, **terms,
-                          img_s=(it - it_log) * args.batch_size / dt, data_wait=wait / dt, mem_gib=peak_memory(device))
-            log(f"iter {it}/{iters} | epoch {fields['epoch']:.1f} | loss {terms['loss']:.4f} ("
-                + " ".join(f"{k} {v:.4f}" for k, v in terms.items() if k != "loss")
-                + f") | lr {lr:.2e} | {fields['img_s']:.1f} img/s | data wait {fields['data_wait']:.0%} | "
-                f"mem {fields['mem_gib']:.1f} GiB | eta {eta}")
-            record("train", **fields)
+            log_interval(log, interval, it, iters, lr, args.batch_size, iters_per_epoch, args.val_every, val_seconds,
+                         device)
+        validating = it == iters or (args.val_every and it % args.val_every == 0)
+        if not (validating or it % args.save_every == 0):
+            continue
+        paused = time.time()  # validation and checkpoints are not training time
+        interval.rows()  # stops here, not in a checkpoint, if a step since the last log line diverged
+        if validating:
             peak_memory(device, reset=True)
-            sums, wait, it_log, t_log = 0, 0.0, it, time.time()
-        paused = time.time()  # validation and checkpoints do not count as training time
-        if args.val_every and it % args.val_every == 0 and it < iters:
-            run_validation()
-        elif master and it % args.save_every == 0:
-            save_last()
-        t_log += time.time() - paused
-    run_validation()
-    log(f"done: best val mIoU {best_miou:.4f}, checkpoints and log.jsonl in {args.out}/")
+            result = validate(raw_model, val_set, device, rank, world, args.workers, log.print)
+            val_seconds = result["seconds"]
+            log_validation(log, result, it, iters, device)
+            if master and result["miou"] > best_miou:
+                best_miou = result["miou"]
+                save(args.out, "best.pt", raw_model, config, it, miou=best_miou)
+            peak_memory(device, reset=True)
+        if master:
+            save(args.out, "last.pt", raw_model, config, it, optimizer=optimizer.state_dict(),
+                 scaler=scaler.state_dict(), best_miou=best_miou)
+        interval.pause(time.time() - paused)
+    log.print(f"done: best val mIoU {best_miou:.4f}, checkpoints and log.jsonl in {args.out}/")
     if ddp:
         dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    try:
-        main(get_args())
-    except (DataError, FloatingPointError) as e:
-        # A DataLoader worker re-raises with the worker's traceback in the message; our line is the last.
-        sys.exit("error: " + str(e).strip().splitlines()[-1].split("DataError: ", 1)[-1])
+    run_script(main, get_args())
