@@ -1,39 +1,51 @@
-"""Evaluate a FoR-Net checkpoint on Cityscapes: per-class IoU, mIoU, pixel accuracy, hard regions.
+"""Evaluate FoR-Net checkpoints on Cityscapes: per-class IoU, mIoU, pixel accuracy, hard regions; side by side.
 
     python evaluate.py --ckpt runs/fornet/best.pt                          # val split, whole image, float32
     python evaluate.py --ckpt best.pt --scales 0.75 1 1.25 1.5 --flip       # or --mode slide: see --help
     python evaluate.py --ckpt best.pt --images photo.jpg folder/ --save-color out/   # your own pictures
-    python evaluate.py --benchmark --size 1024 2048                         # vs DeepLabV3-R101, no data
+    python evaluate.py --ckpt a.pt b.pt --save-color fig2/                  # one column per run (Table 2, Fig. 2)
+    python evaluate.py --group fornet f_s0.pt f_s1.pt --group no_topk n_s0.pt n_s1.pt   # seeds: mean ± std
 
 mIoU is computed as the official Cityscapes script does: one confusion matrix over the whole
 split at the labels' full resolution, IoU = TP/(TP+FP+FN), the mean over classes that occur.
+Several checkpoints are scored on the same images, each image read once and predicted by every
+model; the table has a column per checkpoint (or per --group: mean ± std over its seeds) and the
+difference to the first column, marked where it exceeds the seed noise (the rule is printed).
 """
 import argparse
 import json
 import math
+import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as TF
-import torchvision
 from PIL import Image, ImageDraw, ImageFont
-from torch.utils.flop_counter import FlopCounterMode
 
-from fornet import (CLASSES, PALETTE, Cityscapes, ConfusionMatrix, DataError, FoRNet, boundary_map, environment,
-                    load_checkpoint, load_model, normalize, peak_memory, read_image, resolve_amp, to_label_ids,
-                    topk_masks)
+from fornet import (CLASSES, PALETTE, Cityscapes, ConfusionMatrix, DataError, boundary_map, load_model, normalize,
+                    read_image, resolve_amp, to_label_ids, topk_masks)
 
 THIN = ("pole", "traffic light", "traffic sign")  # the thin classes reported beside mIoU
 MASK_COLORS = ((255, 40, 40), (255, 150, 0), (255, 255, 0), (0, 200, 255))  # innermost (smallest ratio) first
+WRONG = (255, 255, 255)  # white, in no PALETTE colour: a labelled pixel whose prediction is another class
+COLUMNS = 2  # panels per row of a --save-color picture
+NOISE_RULE = ("Δ: column − first column, in points; ± sample std (n−1) over a group's seeds.\n"
+              "* beyond seed noise: |Δ| > the larger std of the two groups; ~ within it; no mark: neither has a std")
+NO_GROUPS = "Δ: column − first column, in points; single runs (no --group): no seed noise to compare with"
 
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = p.add_argument_group("checkpoint and data")
-    g.add_argument("--ckpt", help="train.py checkpoint (best.pt / last.pt); the model is rebuilt from its config")
-    g.add_argument("--data", help="Cityscapes root; default: the path stored in the checkpoint")
+    g = p.add_argument_group("checkpoints and data")
+    g.add_argument("--ckpt", nargs="+", metavar="CKPT",
+                   help="train.py checkpoint(s) (best.pt / last.pt), each rebuilt from its config; several: one "
+                        "column each, compared with the first")
+    g.add_argument("--group", nargs="+", action="append", metavar=("NAME", "CKPT"),
+                   help="instead of --ckpt: a name, then the checkpoints of one variant trained with different "
+                        "seeds: one column of mean ± std; repeat per variant, the first is the reference")
+    g.add_argument("--data", help="Cityscapes root; default: the path stored in the (first) checkpoint")
     g.add_argument("--split", default="val", help="leftImg8bit/<split> to evaluate")
     g.add_argument("--workers", type=int, default=2, help="image-decoding processes")
     g.add_argument("--images", nargs="+", metavar="PATH",
@@ -52,25 +64,27 @@ def get_args(argv=None):
     g.add_argument("--trimap", type=int, nargs="+", default=[3, 5, 10], help="mIoU within d px of a GT boundary")
     g.add_argument("--bf-tol", type=int, default=3, help="boundary F-score: match tolerance in px")
     g = p.add_argument_group("outputs")
-    g.add_argument("--json", help="write the metrics to this file")
-    g.add_argument("--save-pred", help="directory for labelId PNGs, as the official script and server read them")
-    g.add_argument("--save-color", help="directory for 2×2 pictures: image, prediction, S, Top-K masks")
+    g.add_argument("--json", help="write the metrics (several checkpoints: each one's, the groups', the Δs)")
+    g.add_argument("--save-pred", help="directory for labelId PNGs, as the official script and server read them "
+                                       "(several checkpoints: a subfolder each, named by its column)")
+    g.add_argument("--save-color", help="directory for pictures (Fig. 2): image, ground truth, each checkpoint's "
+                                        "prediction with its errors in white, S and Top-K masks of the first")
     g.add_argument("--log-every", type=int, default=50, help="progress line every N images")
-    g = p.add_argument_group("benchmark (needs no data)")
-    g.add_argument("--benchmark", action="store_true", help="params, GMACs, latency, memory vs DeepLabV3-R101")
-    g.add_argument("--size", type=int, nargs=2, default=[1024, 2048], metavar=("H", "W"), help="CPU: try 256 512")
-    g.add_argument("--backbone", choices=("resnet101", "resnet50"), default="resnet101", help="if no --ckpt")
-    g.add_argument("--warmup", type=int, default=3, help="untimed runs first")
-    g.add_argument("--runs", type=int, default=10, help="timed runs")
     args = p.parse_args(argv)
-    if not args.ckpt and not args.benchmark:
-        p.error("--ckpt is required (except with --benchmark)")
+    if bool(args.ckpt) == bool(args.group):
+        p.error("give --ckpt CKPT [CKPT ...] or --group NAME CKPT [CKPT ...] (repeated), one of the two")
+    if any(len(group) < 2 for group in args.group or []):
+        p.error("--group needs a name and at least one checkpoint")
+    args.groups = [(group[0], group[1:]) for group in args.group] if args.group else [(None, [c]) for c in args.ckpt]
+    paths = [c for _, members in args.groups for c in members]
+    names = [name for name, _ in args.groups if name]
+    if len(set(paths)) < len(paths) or len(set(names)) < len(names):
+        p.error("a checkpoint or a group name is given twice")
     if args.images and not (args.save_color or args.save_pred):
         p.error("--images needs --save-color DIR and/or --save-pred DIR (there are no labels to score)")
     if args.mode == "slide" and not 0 < args.stride <= args.crop:
         p.error(f"--stride must be in (0, --crop], got {args.stride} and {args.crop}")
     return args
-
 
 # ---------------------------------------------------------------- inference
 
@@ -190,15 +204,29 @@ class HardRegions:
 # ---------------------------------------------------------------- pictures
 
 
-def save_color(path, image, pred, sel, ratios):
-    """One PNG of 2×2 panels: image | prediction (PALETTE) / S = σ(sel) over image | Top-K masks over image.
+def save_color(path, image, preds, names, sel, ratios, target=None):
+    """One PNG of H×W panels, COLUMNS a row (Fig. 2): image | ground truth | each checkpoint's prediction | S | masks.
 
-    image (3, H, W) uint8, pred (H, W) trainIds, sel (1, 1, h, w). The masks of the ratios are
-    nested, so each location is coloured by the smallest ratio whose mask holds it.
+    image (3, H, W) uint8; preds: one (H, W) trainIds per checkpoint, labelled with its name; target (H, W)
+    trainIds, or None for your own images (then no ground-truth panel and no errors). Labels in PALETTE colours,
+    ignored pixels black; a labelled pixel predicted as another class is WRONG (white). S = σ(sel) and the Top-K
+    masks are the first checkpoint's, sel (1, 1, h, w): the masks of the ratios are nested, so each location is
+    coloured by the smallest ratio whose mask holds it. Panel i lies at row i // COLUMNS, column i % COLUMNS.
     """
-    H, W = pred.shape
+    H, W = image.shape[-2:]
     rgb = image.cpu().float() / 255  # (3, H, W)
-    color = torch.tensor(PALETTE, dtype=torch.float)[pred.cpu()].permute(2, 0, 1) / 255  # (3, H, W)
+    palette = torch.tensor(PALETTE + ((0, 0, 0),), dtype=torch.float) / 255  # (20, 3): the last, black, for ignore
+    paint = lambda labels: palette[labels.cpu().clamp(max=len(PALETTE))].permute(2, 0, 1)  # noqa: E731  (3, H, W)
+    panels = [(rgb, [("image", "white")])]
+    if target is not None:
+        panels.append((paint(target), [("ground truth", "white")]))
+    for pred, name in zip(preds, names):
+        color, legend = paint(pred), [(name if len(preds) > 1 else "prediction", "white")]
+        if target is not None:
+            wrong = ((pred != target) & (target != 255)).cpu()  # (H, W)
+            color = torch.where(wrong, torch.tensor(WRONG)[:, None, None] / 255, color)
+            legend.append(("wrong: white", WRONG))
+        panels.append((color, legend))
     S = sel.float().sigmoid().cpu()  # (1, 1, h, w)   Eq. (1)
     s = TF.interpolate(S, size=(H, W), mode="bilinear", align_corners=False)[0]  # (1, H, W)
     heat = torch.cat([(3 * s).clamp(0, 1), (3 * s - 1).clamp(0, 1), (3 * s - 2).clamp(0, 1)])  # (3, H, W) black→white
@@ -207,79 +235,149 @@ def save_color(path, image, pred, sel, ratios):
     inner = (len(ratios) - level).clamp(max=len(ratios) - 1) % len(MASK_COLORS)  # (H, W) index of the smallest mask
     mask_rgb = torch.tensor(MASK_COLORS, dtype=torch.float)[inner].permute(2, 0, 1) / 255  # (3, H, W)
     masks = torch.where(level > 0, 0.35 * rgb + 0.65 * mask_rgb, 0.5 * rgb)  # (3, H, W)
-    grid = torch.cat([torch.cat([rgb, color], 2), torch.cat([0.4 * rgb + 0.6 * heat, masks], 2)], 1)  # (3, 2H, 2W)
-    picture = Image.fromarray((grid * 255).round().byte().permute(1, 2, 0).numpy())
+    first = f" of {names[0]}" if len(preds) > 1 else ""
+    legend = [(f"Top-K masks{first}:", "white")] + [(f"{r:.0%}", MASK_COLORS[i % 4]) for i, r in enumerate(ratios)]
+    panels += [(0.4 * rgb + 0.6 * heat, [(f"S = sigmoid(sel){first}", "white")]), (masks, legend)]
+    picture = Image.new("RGB", (COLUMNS * W, math.ceil(len(panels) / COLUMNS) * H))  # black
     draw, font = ImageDraw.Draw(picture), ImageFont.load_default(size=max(10, H // 20))  # Pillow ≥ 10.1
-    legend = [("Top-K masks:", "white")] + [(f"{r:.0%}", MASK_COLORS[i % 4]) for i, r in enumerate(ratios)]
-    for (x, y), items in (((0, 0), [("image", "white")]), ((W, 0), [("prediction", "white")]),
-                          ((0, H), [("S = sigmoid(sel)", "white")]), ((W, H), legend)):
-        x += 3
+    for i, (panel, items) in enumerate(panels):
+        left, top = i % COLUMNS * W, i // COLUMNS * H
+        picture.paste(Image.fromarray((panel * 255).round().byte().permute(1, 2, 0).numpy()), (left, top))
+        x = left + 3
         for text, fill in items:
-            box = draw.textbbox((x, y + 2), text, font=font)
+            box = draw.textbbox((x, top + 2), text, font=font)
             draw.rectangle(box, fill="black")
-            draw.text((x, y + 2), text, fill=fill, font=font)
+            draw.text((x, top + 2), text, fill=fill, font=font)
             x = box[2] + 4
     picture.save(path)
 
 
-# ---------------------------------------------------------------- benchmark
+# ---------------------------------------------------------------- scores and comparison
 
 
-def benchmark(args, device, amp_dtype):
-    """Inference at batch 1: params, GMACs (FLOPs/2 of convs and matmuls, counted on the meta device), latency,
-    peak memory; FoR-Net (the checkpoint's config, else the paper's defaults) vs torchvision's DeepLabV3-R101."""
-    kwargs = load_checkpoint(args.ckpt)["config"]["model"] if args.ckpt else dict(backbone=args.backbone)
-    deeplab = torchvision.models.segmentation.deeplabv3_resnet101
-    name = f"FoR-Net ({kwargs.get('backbone', 'resnet101')}, C={kwargs.get('channels', 256)})"
-    models = [(name, lambda: FoRNet(**kwargs)),
-              ("DeepLabV3-ResNet101 (torchvision)",
-               lambda: deeplab(weights=None, weights_backbone=None, num_classes=19, aux_loss=False))]
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    print(f"{environment(device)}\n1×3×{args.size[0]}×{args.size[1]} | amp {args.amp} | compile {args.compile} | "
-          f"{args.warmup} warm-up + {args.runs} timed runs\n"
-          f"{'model':<36}{'params (M)':>11}{'GMACs':>10}{'latency (ms)':>14}"
-          f"{'FPS':>8}{'peak mem (GiB)':>16}")
-    rows = []
-    for name, build in models:
-        with torch.device("meta"), FlopCounterMode(display=False) as counter:
-            meta = build().eval()
-            meta(torch.empty(1, 3, *args.size))
-        model, x = build().eval().to(device), torch.randn(1, 3, *args.size, device=device)
-        model = torch.compile(model, dynamic=False) if args.compile else model
-        with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            for i in range(args.warmup + args.runs):
-                if i == args.warmup:
-                    sync()  # CUDA runs asynchronously: wait for the GPU before reading the clock
-                    peak_memory(device, reset=True)
-                    t0 = time.perf_counter()
-                model(x)
-            sync()
-        ms = (time.perf_counter() - t0) / args.runs * 1e3
-        rows.append((name, sum(p.numel() for p in meta.parameters()) / 1e6, counter.get_total_flops() / 2e9, ms,
-                     1e3 / ms, peak_memory(device)))
-        print(f"{name:<36}{rows[-1][1]:>11.2f}{rows[-1][2]:>10.1f}{ms:>14.1f}{1e3 / ms:>8.2f}{rows[-1][5]:>16.2f}")
-        del model, meta
+def column_names(paths):
+    """A short name per checkpoint: the fewest trailing path parts, without .pt, that tell them apart."""
+    parts = [Path(p).with_suffix("").parts for p in paths]
+    for k in range(1, max(map(len, parts)) + 1):
+        names = ["/".join(q[-k:]) for q in parts]
+        if len(set(names)) == len(names):
+            return names
+    return list(paths)  # one file written two ways (a.pt, ./a.pt): the paths as given
+
+
+def scores(cm, hard, path, images, args):
+    """One checkpoint's metrics: fractions, None where a class never occurs (as --json writes them)."""
+    result, hr = cm.compute(), hard.compute()
+    iou, bf = result["iou"], hr["bf"]
+    thin = iou[[CLASSES.index(c) for c in THIN]].nanmean().item()
+    nan_none = lambda v: None if math.isnan(v) else v  # noqa: E731
+    per_class = lambda values: {n: nan_none(v) for n, v in zip(CLASSES, values.tolist())}  # noqa: E731
+    return {"mIoU": nan_none(result["miou"]), "pixel_acc": result["acc"], "thin_mIoU": nan_none(thin),
+            "IoU": per_class(iou), "trimap_mIoU": {str(d): nan_none(v) for d, v in hr["trimap"].items()},
+            "boundary_F": nan_none(bf.nanmean().item()), "boundary_F_tol_px": args.bf_tol,
+            "boundary_F_per_class": per_class(bf), "images": images, "ckpt": path,
+            **{k: vars(args)[k] for k in ("split", "mode", "crop", "stride", "scales", "flip", "amp")}}
+
+
+def pct(v):
+    """A fraction as a percentage, '-' where it is undefined (None or NaN)."""
+    return "    -" if v is None or math.isnan(v) else f"{100 * v:5.2f}"
+
+
+def print_scores(m):
+    """The report of one checkpoint: per-class IoU and boundary F, then mIoU and the hard regions."""
+    tol = m["boundary_F_tol_px"]
+    print(f"\n{'class':<15}{'IoU':>7}{f'BF@{tol}px':>9}")
+    for name in CLASSES:
+        print(f"{name:<15}{pct(m['IoU'][name]):>7}{pct(m['boundary_F_per_class'][name]):>9}")
+    print(f"{'mean':<15}{pct(m['mIoU']):>7}{pct(m['boundary_F']):>9}")
+    print(f"\nmIoU {pct(m['mIoU'])} | pixel acc {pct(m['pixel_acc'])} | thin classes ({', '.join(THIN)}) "
+          f"mIoU {pct(m['thin_mIoU'])}")
+    print("trimap mIoU " + " | ".join(f"±{d}px {pct(v)}" for d, v in m["trimap_mIoU"].items())
+          + f" | boundary F @{tol}px {pct(m['boundary_F'])}")
+
+
+def table_rows(m):
+    """One checkpoint's metrics -> {row of the comparison table: fraction or None}, in the table's order."""
+    rows = {"mIoU": m["mIoU"], "pixel acc": m["pixel_acc"], "thin-class mIoU": m["thin_mIoU"]}
+    rows.update({f"trimap mIoU ±{d}px": v for d, v in m["trimap_mIoU"].items()})
+    rows[f"boundary F @{m['boundary_F_tol_px']}px"] = m["boundary_F"]
+    rows.update({f"IoU {c}": v for c, v in m["IoU"].items()})
     return rows
+
+
+def beyond_noise(delta, std_a, std_b):
+    """Is a difference of group means beyond seed noise: |Δ| > the larger std of the two groups (None: a group
+    of one)? None when neither has a std or Δ is undefined. Simple on purpose: a few seeds carry no test."""
+    stds = [s for s in (std_a, std_b) if s is not None]
+    if delta is None or not stds:
+        return None
+    return abs(delta) > max(stds)
+
+
+def compare(results, names, groups):
+    """Several checkpoints' metrics -> {"checkpoints": name -> metrics, "groups": name -> members and, per table
+    row, mean, std (sample, n − 1), delta (mean − the first group's mean) and beyond_noise, "rule"}.
+    A class that never occurred in a checkpoint (None) is left out of its group's mean and std."""
+    columns, start = {}, 0
+    for group, members in groups:  # --ckpt: groups of one, named by their checkpoint
+        rows = [table_rows(m) for m in results[start:start + len(members)]]
+        c = {"members": names[start:start + len(members)], "mean": {}, "std": {}, "delta": {}, "beyond_noise": {}}
+        columns[group or names[start]] = c
+        ref, start = next(iter(columns.values())), start + len(members)
+        for row in rows[0]:
+            v = [r[row] for r in rows if r[row] is not None]
+            mean = c["mean"][row] = statistics.mean(v) if v else None
+            c["std"][row] = statistics.stdev(v) if len(v) > 1 else None  # none for a group of one
+            c["delta"][row] = None if mean is None or ref["mean"][row] is None else mean - ref["mean"][row]
+            c["beyond_noise"][row] = beyond_noise(c["delta"][row], c["std"][row], ref["std"][row])
+    return {"checkpoints": dict(zip(names, results)), "groups": columns, "rule": NOISE_RULE}
+
+
+def print_comparison(comparison):
+    """The comparison table in %: a row per metric; a column per group (mean ± std) or checkpoint, then the Δs."""
+    columns = list(comparison["groups"].items())  # [(name, group)], the first is the reference
+    for name, c in columns:
+        if len(c["members"]) > 1:
+            print(f"{name}: mean ± std over {', '.join(c['members'])}")
+    width = max(14, *(len(f"Δ {name}") for name, _ in columns)) + 3
+    mark = {True: " *", False: " ~", None: "  "}
+    header = [name for name, _ in columns] + [f"Δ {name}" for name, _ in columns[1:]]
+    print(f"\n{'':<19}" + "".join(f"{h:>{width}}" for h in header))
+    for row in columns[0][1]["mean"]:
+        cells = []
+        for _, c in columns:
+            cells.append(pct(c["mean"][row]) + ("" if c["std"][row] is None else f" ± {100 * c['std'][row]:.2f}"))
+        for _, c in columns[1:]:
+            delta = c["delta"][row]
+            cells.append("    -  " if delta is None else f"{100 * delta:+.2f}{mark[c['beyond_noise'][row]]}")
+        print(f"{row:<19}" + "".join(f"{cell:>{width}}" for cell in cells))
+    print(NOISE_RULE if any(len(c["members"]) > 1 for _, c in columns) else NO_GROUPS)
 
 
 # ---------------------------------------------------------------- main
 
 
-def infer(model, image, name, args, amp_dtype):
-    """(H, W) trainIds for one image (3, H, W) uint8 on the device; writes `name`_pred/_color.png when asked."""
+def infer(models, names, image, stem, args, amp_dtype, target=None):
+    """Each model's (H, W) trainIds for one image (3, H, W) uint8 on the device; writes, when asked, `stem`_pred.png
+    per model (several: in a subfolder named by its column) and `stem`_color.png (with target (H, W): the ground
+    truth and the errors)."""
     x = normalize(image[None])  # (1, 3, H, W)
-    pred = predict(model, x, mode=args.mode, crop=args.crop, stride=args.stride, scales=args.scales, flip=args.flip,
-                   amp_dtype=amp_dtype).argmax(1)[0]  # (H, W)
-    if args.save_pred:  # official labelIds, as cityscapesScripts and the test server read them
-        Image.fromarray(to_label_ids(pred).byte().cpu().numpy()).save(Path(args.save_pred) / f"{name}_pred.png")
+    preds = [predict(model, x, mode=args.mode, crop=args.crop, stride=args.stride, scales=args.scales, flip=args.flip,
+                     amp_dtype=amp_dtype).argmax(1)[0] for model in models]  # (H, W) each
+    for pred, name in zip(preds, names) if args.save_pred else ():  # labelIds, as the official script reads them
+        folder = Path(args.save_pred, name.replace("/", "_") if len(names) > 1 else "")
+        folder.mkdir(parents=True, exist_ok=True)  # here, once every input has been checked
+        Image.fromarray(to_label_ids(pred).byte().cpu().numpy()).save(folder / f"{stem}_pred.png")
     if args.save_color:
+        Path(args.save_color).mkdir(parents=True, exist_ok=True)
         with torch.no_grad(), torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            _, sel = model(x)  # (1, 1, h, w)   whole image at scale 1, whatever --mode
-        save_color(Path(args.save_color) / f"{name}_color.png", image, pred, sel, model.ratios)
-    return pred
+            _, sel = models[0](x)  # (1, 1, h, w)   whole image at scale 1, whatever --mode
+        save_color(Path(args.save_color) / f"{stem}_color.png", image, preds, names, sel, models[0].ratios, target)
+    return preds
 
 
-def own_images(model, args, device, amp_dtype):
+def own_images(models, names, args, device, amp_dtype):
     """--images: the files given and the .png/.jpg/.jpeg files of the folders given, any size, RGB / grey / RGBA
     (converted to RGB). An unreadable file is named in one line and skipped; the run ends with an error."""
     paths = [f for p in map(Path, args.images) for f in
@@ -296,7 +394,7 @@ def own_images(model, args, device, amp_dtype):
             print(f"skipped: {e}")
             failed.append(path)
         else:
-            infer(model, image.to(device), path.stem, args, amp_dtype)
+            infer(models, names, image.to(device), path.stem, args, amp_dtype)
         if (i + 1) % args.log_every == 0 or i + 1 == len(paths):
             print(f"{i + 1}/{len(paths)} images | {(i + 1 - len(failed)) / (time.time() - t0):.2f} img/s")
     if failed:
@@ -306,67 +404,57 @@ def own_images(model, args, device, amp_dtype):
 
 
 def main(args):
+    """One checkpoint: its metrics (as --json writes them); several: the comparison; --images: the paths drawn."""
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DataError(f"--device {args.device}: no GPU visible (use --device cpu)")
     args.amp, amp_dtype = resolve_amp(args.amp, device)
-
-    if args.benchmark:
-        return benchmark(args, device, amp_dtype)
-
-    model, config = load_model(args.ckpt)
-    if config["model"].get("num_classes", 19) != len(CLASSES):
-        raise DataError(f"{args.ckpt} holds a {config['model']['num_classes']}-class model; "
-                        f"Cityscapes evaluation needs {len(CLASSES)} classes")
-    model.to(device)
-    if args.compile:
-        model = torch.compile(model, dynamic=False)  # attributes such as model.ratios still reach the model
-    for folder in filter(None, (args.save_pred, args.save_color)):
-        Path(folder).mkdir(parents=True, exist_ok=True)
+    paths = [c for _, members in args.groups for c in members]
+    names, models, configs = column_names(paths), [], []
+    for path in paths:  # every checkpoint is read and checked before anything is written
+        model, config = load_model(path)
+        if config["model"].get("num_classes", 19) != len(CLASSES):
+            raise DataError(f"{path} holds a {config['model']['num_classes']}-class model; "
+                            f"Cityscapes evaluation needs {len(CLASSES)} classes")
+        model.to(device)
+        models.append(torch.compile(model, dynamic=False) if args.compile else model)  # model.ratios still reachable
+        configs.append(config)
+    if args.json and not Path(args.json).parent.is_dir():
+        raise DataError(f"--json {args.json}: folder {Path(args.json).parent} not found")
     if args.images:
-        return own_images(model, args, device, amp_dtype)
-    data = args.data or config.get("data")
+        return own_images(models, names, args, device, amp_dtype)
+    data = args.data or configs[0].get("data")
     if not data:
-        raise DataError(f"{args.ckpt} stores no data path: pass --data /path/to/cityscapes")
+        raise DataError(f"{paths[0]} stores no data path: pass --data /path/to/cityscapes")
     dataset = Cityscapes(data, args.split)
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=args.workers)
-    print(f"{args.ckpt}: {len(dataset)} {args.split} images from {data} | mode {args.mode} | scales "
+    who = paths[0] if len(paths) == 1 else f"{len(paths)} checkpoints ({', '.join(names)})"
+    print(f"{who}: {len(dataset)} {args.split} images from {data} | mode {args.mode} | scales "
           f"{args.scales} | flip {args.flip} | amp {args.amp} | {device}")
 
-    cm, hard = ConfusionMatrix(len(CLASSES)), HardRegions(args.trimap, args.bf_tol, len(CLASSES))
+    counts = [(ConfusionMatrix(len(CLASSES)), HardRegions(args.trimap, args.bf_tol, len(CLASSES))) for _ in models]
     t0 = time.time()
-    for i, (image, target) in enumerate(loader):
+    for i, (image, target) in enumerate(loader):  # each image read once, predicted by every model
         target = target.to(device).long()  # (H, W)
-        pred = infer(model, image.to(device), dataset.images[i].name.replace("_leftImg8bit.png", ""), args, amp_dtype)
-        cm.update(pred, target)
-        hard.update(pred, target)
+        stem = dataset.images[i].name.replace("_leftImg8bit.png", "")
+        preds = infer(models, names, image.to(device), stem, args, amp_dtype, target)
+        for (cm, hard), pred in zip(counts, preds):
+            cm.update(pred, target)
+            hard.update(pred, target)
         if (i + 1) % args.log_every == 0 or i + 1 == len(dataset):
-            print(f"{i + 1}/{len(dataset)} images | {(i + 1) / (time.time() - t0):.2f} img/s | mIoU so far "
-                  f"{cm.compute()['miou'] * 100:.2f}")
+            so_far = " / ".join(f"{cm.compute()['miou'] * 100:.2f}" for cm, _ in counts)
+            print(f"{i + 1}/{len(dataset)} images | {(i + 1) / (time.time() - t0):.2f} img/s | mIoU so far {so_far}")
 
-    result, hr = cm.compute(), hard.compute()
-    iou, bf = result["iou"], hr["bf"]
-    thin = iou[[CLASSES.index(c) for c in THIN]].nanmean().item()
-    pct = lambda v: "    -" if math.isnan(v) else f"{100 * v:5.2f}"  # noqa: E731
-    print(f"\n{'class':<15}{'IoU':>7}{f'BF@{args.bf_tol}px':>9}")
-    for c, name in enumerate(CLASSES):
-        print(f"{name:<15}{pct(iou[c].item()):>7}{pct(bf[c].item()):>9}")
-    print(f"{'mean':<15}{pct(result['miou']):>7}{pct(bf.nanmean().item()):>9}")
-    print(f"\nmIoU {pct(result['miou'])} | pixel acc {pct(result['acc'])} | thin classes ({', '.join(THIN)}) "
-          f"mIoU {pct(thin)}")
-    print("trimap mIoU " + " | ".join(f"±{d}px {pct(v)}" for d, v in hr["trimap"].items())
-          + f" | boundary F @{args.bf_tol}px {pct(bf.nanmean().item())}")
-
-    nan_none = lambda v: None if math.isnan(v) else v  # noqa: E731
-    per_class = lambda values: {n: nan_none(v) for n, v in zip(CLASSES, values.tolist())}  # noqa: E731
-    metrics = {"mIoU": nan_none(result["miou"]), "pixel_acc": result["acc"], "thin_mIoU": nan_none(thin),
-               "IoU": per_class(iou), "trimap_mIoU": {str(d): nan_none(v) for d, v in hr["trimap"].items()},
-               "boundary_F": nan_none(bf.nanmean().item()), "boundary_F_tol_px": args.bf_tol,
-               "boundary_F_per_class": per_class(bf), "images": len(dataset),
-               **{k: vars(args)[k] for k in ("ckpt", "split", "mode", "crop", "stride", "scales", "flip", "amp")}}
+    results = [scores(cm, hard, path, len(dataset), args) for (cm, hard), path in zip(counts, paths)]
+    if len(results) == 1:
+        out = results[0]
+        print_scores(out)
+    else:
+        out = compare(results, names, args.groups)
+        print_comparison(out)
     if args.json:
-        Path(args.json).write_text(json.dumps(metrics, indent=2))
-    return metrics
+        Path(args.json).write_text(json.dumps(out, indent=2))
+    return out
 
 
 if __name__ == "__main__":

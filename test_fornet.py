@@ -15,9 +15,10 @@ import torch.nn.functional as TF
 from PIL import Image
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+import bench
 import evaluate
 import train
-from evaluate import HardRegions, dilate, get_args, gt_boundary, main, predict
+from evaluate import COLUMNS, WRONG, HardRegions, beyond_noise, dilate, get_args, gt_boundary, main, predict, save_color
 import fornet
 from fornet import (CLASSES, ID_LUT, MEAN, PALETTE, STD, TRAIN_ID_TO_ID, Cityscapes, ConfusionMatrix, DataError, FoRNet,
                     FoRNetLoss, GroupNorm, TrainTransform, boundary_map, load_backbone, load_checkpoint, load_model,
@@ -912,15 +913,6 @@ def test_loss_over_two_ranks_equals_the_loss_over_their_batch(tmp_path):
         torch.testing.assert_close(sel_grad / 2, sel.grad[rank:rank + 1])
 
 
-def test_train_benchmark_smoke(toy, capsys):
-    rows = train.main(train.get_args(["--benchmark", "--data", str(toy), "--backbone", "resnet50", "--channels", "16",
-                                      "--crop", "32", "--batch-size", "2", "--bench-iters", "1", "--device", "cpu"]))
-    out = capsys.readouterr().out
-    assert "FoR-Net (resnet50)" in out and "DeepLabV3 (resnet50)" in out and "img/s per worker" in out
-    assert "step time FoR-Net / DeepLabV3" in out and "CPU" in out.splitlines()[0]  # the machine is named
-    assert [len(r) for r in rows] == [7, 7] and all(v > 0 for r in rows for v in r[1:])
-
-
 def test_bad_inputs_get_one_clear_line(toy, tmp_path):
     import shutil
     root = tmp_path / "cs"
@@ -1001,10 +993,11 @@ def test_compile_flag_keeps_plain_state_dict_names(toy, tmp_path, capsys, monkey
 TINY_MODEL = dict(num_classes=19, backbone="resnet50", channels=16)
 
 
-def write_ckpt(path, data, **model_kwargs):
-    """A checkpoint in train.py's format for an untrained model (no training needed)."""
-    torch.manual_seed(0)
+def write_ckpt(path, data, seed=0, **model_kwargs):
+    """A checkpoint in train.py's format for an untrained model; `seed` draws its random weights."""
+    torch.manual_seed(seed)
     kwargs = {**TINY_MODEL, **model_kwargs}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     torch.save({"model": FoRNet(**kwargs).state_dict(), "optimizer": {}, "scaler": {}, "iter": 0,
                 "config": {"data": str(data), "amp": "off", "model": kwargs}, "best_miou": 0.0}, path)
     return str(path)
@@ -1075,7 +1068,7 @@ def test_saved_predictions_are_labelids_and_give_the_reported_miou(toy_ckpt, tmp
         cm.update(to_train_ids(label_ids), target)
         present |= set(to_train_ids(label_ids).unique().tolist()) | set(target.unique().tolist())
         with Image.open(colors / f"{stem}_color.png") as im:
-            assert im.size == (2 * target.shape[1], 2 * target.shape[0])  # 2×2 panels
+            assert im.size == (2 * target.shape[1], 3 * target.shape[0])  # image, ground truth, prediction, S, masks
     assert cm.compute()["miou"] == pytest.approx(metrics["mIoU"], abs=1e-12)
     assert [v is None for v in metrics["IoU"].values()] == [c not in present for c in range(19)]  # null = absent
 
@@ -1189,15 +1182,183 @@ def test_bad_inputs_give_one_clear_error(toy_ckpt, tmp_path):
     assert len(run.stderr.strip().splitlines()) == 1
 
 
-# ---------------------------------------------------------------- benchmark
+# ---------------------------------------------------------------- several checkpoints: Table 2, Fig. 2
 
 
-def test_benchmark_smoke(toy_ckpt, capsys):
-    rows = main(get_args(["--benchmark", "--ckpt", toy_ckpt[2], "--size", "64", "64", "--warmup", "0", "--runs", "1",
-                          "--device", "cpu"]))
-    out = capsys.readouterr().out
-    assert "FoR-Net (resnet50, C=16)" in out and "DeepLabV3-ResNet101" in out
-    assert [len(r) for r in rows] == [6, 6] and all(r[1] > 0 and r[2] > 0 and r[3] > 0 for r in rows)
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Three checkpoints of different random weights, named like train.py's runs (<run>/best.pt), and each one's
+    metrics evaluated alone."""
+    root = tmp_path_factory.mktemp("compare")
+    data = make_toy_cityscapes(root / "data", n_train=1, n_val=2, size=(32, 64))
+    ckpts = [write_ckpt(root / f"run{seed}" / "best.pt", data, seed=seed) for seed in range(3)]
+    alone = [main(get_args(["--ckpt", c, "--workers", "0", "--device", "cpu"])) for c in ckpts]
+    return root, data, ckpts, alone
+
+
+def table_line(out, row):
+    """The printed table's cells of one row, split on runs of 2+ spaces."""
+    line = next(line for line in out.splitlines() if line.startswith(row + "  "))
+    return [cell.strip() for cell in line[len(row):].split("  ") if cell.strip()]
+
+
+def test_columns_are_the_checkpoints_evaluated_alone_and_each_image_is_read_once(runs, tmp_path, capsys,
+                                                                                 monkeypatch):
+    root, data, ckpts, alone = runs
+    reads, getitem = [], Cityscapes.__getitem__
+
+    def counted_getitem(self, i):
+        reads.append(i)
+        return getitem(self, i)
+
+    monkeypatch.setattr(Cityscapes, "__getitem__", counted_getitem)
+    capsys.readouterr()
+    out = main(get_args(["--ckpt", *ckpts, "--json", str(tmp_path / "c.json"), "--save-pred", str(tmp_path / "p"),
+                         "--save-color", str(tmp_path / "color"), "--workers", "0", "--device", "cpu"]))
+    printed = capsys.readouterr().out
+    assert sorted(reads) == [0, 1]  # each image read once for all three models
+    names = ["run0/best", "run1/best", "run2/best"]  # the fewest trailing path parts that tell them apart
+    assert list(out["checkpoints"]) == names == list(out["groups"])
+    for name, single in zip(names, alone):
+        assert out["checkpoints"][name] == single  # every metric, per-class IoU and boundary F included
+    assert json.loads((tmp_path / "c.json").read_text()) == json.loads(json.dumps(out))
+    assert len({m["mIoU"] for m in alone}) == 3  # the weights differ, so do the columns
+
+    rows = evaluate.table_rows(alone[0])
+    assert list(rows)[:7] == ["mIoU", "pixel acc", "thin-class mIoU", "trimap mIoU ±3px", "trimap mIoU ±5px",
+                              "trimap mIoU ±10px", "boundary F @3px"] and len(rows) == 7 + len(CLASSES)
+    for row in rows:
+        values = [evaluate.table_rows(m)[row] for m in alone]
+        cells = table_line(printed, row)
+        assert cells[:3] == [evaluate.pct(v).strip() for v in values]  # no ± for runs of one
+        for k in (1, 2):  # Δ to the first column, in points, and no seed-noise mark without groups
+            delta = None if values[k] is None or values[0] is None else values[k] - values[0]
+            assert out["groups"][names[k]]["delta"][row] == delta
+            assert cells[2 + k] == ("-" if delta is None else f"{100 * delta:+.2f}")
+    assert printed.strip().splitlines()[-1] == evaluate.NO_GROUPS
+
+    # The pictures: one prediction panel per checkpoint, each that checkpoint's own prediction, errors marked.
+    dataset = Cityscapes(data, "val")
+    for image_path, (image, target) in zip(dataset.images, dataset):
+        stem, (H, W) = image_path.name.replace("_leftImg8bit.png", ""), target.shape
+        picture = np.array(Image.open(tmp_path / "color" / f"{stem}_color.png"))
+        panels = 2 + 3 + 2  # image, ground truth, 3 predictions, S, Top-K masks
+        assert picture.shape == (math.ceil(panels / COLUMNS) * H, COLUMNS * W, 3)
+        for k, name in enumerate(names):
+            pred = to_train_ids(torch.from_numpy(np.array(Image.open(tmp_path / "p" / name.replace("/", "_") /
+                                                                    f"{stem}_pred.png"))))
+            wrong = (pred != target) & (target != 255)
+            expected = torch.where(wrong[..., None], torch.tensor(WRONG), torch.tensor(PALETTE)[pred])  # (H, W, 3)
+            top, left = (2 + k) // COLUMNS * H, (2 + k) % COLUMNS * W
+            panel = picture[top:top + H, left:left + W]
+            assert np.array_equal(panel[16:], expected[16:].numpy())  # below the panel's label
+            assert wrong[16:].any()
+
+
+def test_group_mean_and_std_are_those_of_its_members_and_the_mark_follows_the_rule(runs, tmp_path, capsys):
+    root, data, ckpts, alone = runs
+    capsys.readouterr()
+    out = main(get_args(["--group", "A", ckpts[0], ckpts[1], "--group", "B", ckpts[2],
+                         "--json", str(tmp_path / "g.json"), "--workers", "0", "--device", "cpu"]))
+    printed = capsys.readouterr().out
+    A, B = out["groups"]["A"], out["groups"]["B"]
+    assert A["members"] == ["run0/best", "run1/best"] and B["members"] == ["run2/best"]
+    for name, single in zip(A["members"] + B["members"], alone):
+        assert out["checkpoints"][name] == single
+    for row in A["mean"]:
+        values = np.array([evaluate.table_rows(m)[row] for m in alone[:2]], dtype=float)  # None -> NaN
+        values = values[~np.isnan(values)]  # a class that never occurred in a run is left out
+        if len(values) == 0:
+            assert A["mean"][row] is None and A["std"][row] is None
+            continue
+        assert A["mean"][row] == pytest.approx(values.mean(), abs=1e-12)
+        if len(values) < 2:
+            assert A["std"][row] is None
+        else:
+            assert A["std"][row] == pytest.approx(values.std(ddof=1), abs=1e-12)
+            assert table_line(printed, row)[0] == f"{100 * A['mean'][row]:5.2f} ± {100 * A['std'][row]:.2f}".strip()
+        assert B["std"][row] is None and B["mean"][row] == evaluate.table_rows(alone[2])[row]  # a group of one
+        if B["mean"][row] is None:
+            continue
+        delta = B["mean"][row] - A["mean"][row]
+        assert B["delta"][row] == pytest.approx(delta, abs=1e-12)
+        beyond = None if A["std"][row] is None else abs(delta) > A["std"][row]  # B, one run, has no std
+        assert B["beyond_noise"][row] == beyond
+        assert table_line(printed, row)[-1].endswith({True: "*", False: "~", None: f"{100 * delta:+.2f}"}[beyond])
+    assert "A: mean ± std over run0/best, run1/best" in printed
+    assert printed.strip().endswith(evaluate.NOISE_RULE)
+    assert json.loads((tmp_path / "g.json").read_text())["rule"] == evaluate.NOISE_RULE
+
+
+def test_beyond_noise_rule_on_hand_made_numbers():
+    """|Δ| > the larger std of the two groups; a group of one has no std (None); none at all: no verdict."""
+    assert beyond_noise(0.5, 0.2, 0.4) is True
+    assert beyond_noise(-0.5, 0.4, 0.2) is True  # the sign of Δ does not matter
+    assert beyond_noise(0.3, 0.2, 0.4) is False  # beyond the smaller std, within the larger
+    assert beyond_noise(0.4, 0.4, 0.1) is False  # equal to the spread: within
+    assert beyond_noise(0.5, None, 0.4) is True and beyond_noise(0.3, 0.4, None) is False  # one group of one
+    assert beyond_noise(0.5, None, None) is None  # two single runs: no spread known
+    assert beyond_noise(None, 0.1, 0.1) is None  # a class absent from one group: no Δ
+
+
+def test_picture_has_a_prediction_panel_per_checkpoint_and_marks_wrong_pixels(tmp_path):
+    H, W = 40, 48
+    g = torch.Generator().manual_seed(0)
+    image = torch.randint(0, 256, (3, H, W), dtype=torch.uint8, generator=g)
+    target = torch.zeros(H, W, dtype=torch.long)  # road
+    target[:, W // 2:] = 13  # car
+    target[:, :4] = 255  # ignored
+    good, bad = target.clone(), torch.full((H, W), 2)  # building everywhere: wrong on every labelled pixel
+    good[:, :4] = 5  # any class where the label is ignored: not wrong
+    good[30, 30] = 0  # one wrong pixel
+    sel = torch.randn(1, 1, H // 8, W // 8, generator=g)
+    for preds in ([good], [good, bad, good]):
+        names = [f"ckpt{k}" for k in range(len(preds))]
+        save_color(tmp_path / "with_gt.png", image, preds, names, sel, (0.25, 0.5), target)
+        save_color(tmp_path / "own.png", image, preds, names, sel, (0.25, 0.5))  # own images: no labels
+        picture, own = np.array(Image.open(tmp_path / "with_gt.png")), np.array(Image.open(tmp_path / "own.png"))
+        panels = 1 + 1 + len(preds) + 2  # image, ground truth, predictions, S, Top-K masks
+        assert picture.shape == (math.ceil(panels / COLUMNS) * H, COLUMNS * W, 3)
+        assert own.shape == (math.ceil((panels - 1) / COLUMNS) * H, COLUMNS * W, 3)
+        at = lambda p, i, y, x: tuple(p[i // COLUMNS * H + y, i % COLUMNS * W + x])  # noqa: E731  panel i's pixel
+        assert at(picture, 1, 20, 2) == (0, 0, 0) and at(picture, 1, 20, 40) == PALETTE[13]  # GT: ignore black
+        for k, pred in enumerate(preds):
+            i = 2 + k  # after image and ground truth
+            assert at(picture, i, 30, 30 if pred is good else 10) == WRONG  # wrong: white
+            assert at(picture, i, 20, 2) == PALETTE[pred[20, 2]] != WRONG  # ignored label: the prediction's colour
+            if pred is good:
+                assert at(picture, i, 20, 10) == PALETTE[0] and at(picture, i, 20, 40) == PALETTE[13]  # right
+            assert at(own, 1 + k, 30, 30) == PALETTE[pred[30, 30]]  # no labels: nothing marked
+    assert at(own, 1, 20, 10) == PALETTE[0] and at(own, 2, 20, 10) == PALETTE[2]  # the checkpoints, in order
+
+
+def test_bad_checkpoint_among_several_names_it_and_writes_nothing(runs, tmp_path):
+    root, data, ckpts, alone = runs
+    five = write_ckpt(tmp_path / "five.pt", data, num_classes=5)
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    outputs = ["--json", str(tmp_path / "out" / "c.json"), "--save-color", str(tmp_path / "color"),
+               "--save-pred", str(tmp_path / "pred"), "--workers", "0", "--device", "cpu"]
+    (tmp_path / "out").mkdir()
+    cases = [(["--ckpt", ckpts[0], five], f"{five} holds a 5-class model"),
+             (["--group", "A", ckpts[0], "--group", "B", str(garbage)], f"cannot load checkpoint {garbage}"),
+             (["--ckpt", ckpts[0], str(tmp_path / "missing.pt")], "missing.pt not found"),
+             (["--ckpt", ckpts[0], "--images", str(tmp_path / "a.png"), "--json", str(tmp_path / "no" / "c.json")],
+              "--json .*: folder .* not found")]
+    for argv, message in cases:
+        with pytest.raises(DataError, match=message):
+            main(get_args(outputs + argv))  # the case's own flags last: they win
+        assert list((tmp_path / "out").iterdir()) == [] and not (tmp_path / "color").exists()
+        assert not (tmp_path / "pred").exists()
+    for argv in (["--ckpt", ckpts[0], "--group", "A", ckpts[1]], ["--group", "A"], ["--ckpt", ckpts[0], ckpts[0]],
+                 ["--group", "A", ckpts[0], "--group", "A", ckpts[1]]):
+        with pytest.raises(SystemExit):  # argparse: one usage line
+            get_args(argv)
+    run = subprocess.run([sys.executable, "evaluate.py", "--ckpt", ckpts[0], str(garbage), *outputs],
+                         capture_output=True, text=True, cwd=REPO)
+    assert run.returncode != 0 and run.stderr.startswith(f"error: cannot load checkpoint {garbage}")
+    assert len(run.stderr.strip().splitlines()) == 1
+    assert list((tmp_path / "out").iterdir()) == [] and not (tmp_path / "color").exists()
 
 
 # ---------------------------------------------------------------- performance
@@ -1336,6 +1497,104 @@ def test_hard_regions_counts_equal_the_max_pool_reference():
         assert torch.equal(hard.counts, counts), (widths, tol)
         assert all(torch.equal(hard.trimap[d].mat, trimap[d]) for d in widths), (widths, tol)
         assert counts[1].sum() > 0 and counts[0].sum() < counts[1].sum()  # some boundary pixels match, not all
+
+
+# ---------------------------------------------------------------- bench.py
+
+
+def cost(flags, kwargs):
+    """bench.cost_table's figures; rows: (name, r, params, [FLOPs per size], [FLOPs per size with Top-K])."""
+    return bench.cost_table(bench.get_args(flags), {**FoRNet.__init__.__kwdefaults__, **kwargs})
+
+
+@pytest.mark.parametrize("kwargs", [{}, TINY_MODEL, dict(ratios=(1, 1, 1, 1), dilation=2)])
+def test_cost_table_parts_add_up_to_the_whole_model(kwargs, capsys):
+    table = cost(["--crop", "64", "--size", "40", "72"], kwargs)
+    model = FoRNet(**kwargs)
+    for j, size in enumerate([(64, 64), (40, 72)]):
+        _, counter, _ = bench.count(lambda: FoRNet(**kwargs), (1, 3, *size))  # a count of its own, whole model
+        assert sum(row[3][j] for row in table["rows"]) == table["totals"][j] == counter.get_total_flops()
+        assert all(row[3][j] > 0 for row in table["rows"])  # every part found under its module path
+    # Parameters: the parts hold all of them; the model has no unused one (FoRNet deletes the ResNet's avgpool, fc).
+    assert sum(row[2] for row in table["rows"]) == table["params"] == sum(p.numel() for p in model.parameters())
+    # FLOPs that follow from a formula: the stem's 7×7 conv (stride 2); a branch C_i at every one of the h·w cells.
+    (_, _, _, stem, _), C_1 = table["rows"][0], table["rows"][8]
+    assert stem[0] == 2 * 64 * 3 * 7 * 7 * 32 * 32 and stem[1] == 2 * 64 * 3 * 7 * 7 * 20 * 36
+    assert C_1[3] == [2 * model.branches[0][0].weight.numel() * cells for cells in table["cells"]]
+    out = capsys.readouterr().out
+    assert f"{table['totals'][0] / 1e9:.2f}" in out and "decoder D, Eq. (8)" in out
+
+
+def test_a_masked_branch_costs_its_ratio_of_the_dense_flops():
+    table = cost(["--crop", "64", "--size", "64", "80"], TINY_MODEL)  # 64×80: h·w = 80 cells, r_i·80 an integer
+    assert table["cells"] == [64, 80]
+    branches, others = table["rows"][8:12], table["rows"][:8] + table["rows"][12:]
+    for i, (_, r, _, dense, masked) in enumerate(branches):
+        assert r == (0.1, 0.2, 0.3, 0.4)[i] and masked[1] * 10 == dense[1] * (i + 1)  # exactly r_i × dense
+        assert masked[0] == dense[0] * round(r * 64) // 64  # 8×8 cells: k_i = round(r_i·64) = 6, 13, 19, 26
+    assert all(dense == masked for _, _, _, dense, masked in others)  # only the branches have a mask
+    assert table["with_masks"] == [t - sum(d[j] - m[j] for *_, d, m in branches) for j, t in enumerate(table["totals"])]
+
+
+def test_cost_table_with_no_arguments_runs_on_the_meta_device(capsys):
+    table = bench.main(bench.get_args([]))
+    out = capsys.readouterr().out
+    assert table["sizes"] == [(768, 768), (1024, 2048)] and round(table["params"] / 1e6, 2) == 50.17
+    assert "FoR-Net (resnet101, C=256), batch 1" in out and "GFLOPs 1024×2048" in out and "layer3" in out
+    head = sum(row[3][0] for row in table["rows"][5:]) / table["totals"][0]  # after layer4: about a fifth
+    assert 0.15 < head < 0.25
+
+
+def test_train_benchmark_smoke(toy, tmp_path, capsys):
+    ckpt = write_ckpt(tmp_path / "tiny.pt", toy)  # a ResNet-50 with a narrow head: the cost is per weight here
+    result = bench.main(bench.get_args(["--train", "--data", str(toy), "--ckpt", ckpt, "--crop", "64", "--batch-size",
+                                        "2", "--channels-last", "--warmup", "1", "--runs", "1", "--device", "cpu"]))
+    out = capsys.readouterr().out
+    assert "CPU" in out.splitlines()[0]  # the machine is named
+    assert "2×3×64×64 | amp off | compile False | channels-last True | 1 warm-up + 1 timed steps" in out
+    assert "FoR-Net (resnet50, C=16)" in out and "DeepLabV3 (resnet50)" in out and "200 epochs (h)" in out
+    assert "step time FoR-Net / DeepLabV3: " in out and "--workers needed to feed" in out
+    assert [len(r) for r in result["train"]] == [7, 7] and all(v > 0 for r in result["train"] for v in r[1:])
+
+
+INFER = ["--infer", "--size", "32", "64", "--warmup", "1", "--runs", "1", "--device", "cpu"]
+
+
+def test_infer_benchmark_smoke(capsys):
+    rows = bench.main(bench.get_args(INFER + ["--backbone", "resnet50"]))["infer"]
+    out = capsys.readouterr().out
+    assert "CPU" in out.splitlines()[0] and "1×3×32×64 | amp off | compile False | 1 warm-up + 1 timed runs" in out
+    assert [r[0] for r in rows] == ["FoR-Net (resnet50, C=256)", "DeepLabV3-ResNet101 (torchvision)"]
+    assert all(len(r) == 7 and all(v > 0 for v in r[1:]) for r in rows)
+
+
+def test_infer_benchmark_builds_the_checkpoints_model(tmp_path, capsys):
+    rows = bench.main(bench.get_args(INFER + ["--ckpt", write_ckpt(tmp_path / "tiny.pt", tmp_path)]))["infer"]
+    model, counter, _ = bench.count(lambda: FoRNet(**TINY_MODEL), (1, 3, 32, 64))
+    assert rows[0][:3] == ("FoR-Net (resnet50, C=16)", sum(p.numel() for p in model.parameters()) / 1e6,
+                           counter.get_total_flops() / 2e9)  # name, params (M), GMACs of the checkpoint's config
+    assert "FoR-Net (resnet50, C=16)" in capsys.readouterr().out
+
+
+def test_loader_benchmark_on_a_toy_set(tmp_path, capsys):
+    data = make_toy_cityscapes(tmp_path, n_train=4, n_val=2)
+    per_worker = bench.main(bench.get_args(["--data", str(data), "--crop", "64", "--device", "cpu"]))["loader"]
+    out = capsys.readouterr().out
+    assert "loader, decode: " in out and "loader, decode + augment: " in out and per_worker > 0
+    assert "--workers needed" not in out  # no training rate measured to feed
+
+
+def test_user_mistakes_get_one_clear_line(tmp_path):
+    with pytest.raises(DataError, match="not found"):
+        bench.main(bench.get_args(["--infer", "--ckpt", str(tmp_path / "missing.pt")]))
+    with pytest.raises(DataError, match="leftImg8bit/train not found"):
+        bench.main(bench.get_args(["--data", str(tmp_path)]))
+    for flags in (["--warmup", "0"], ["--train", "--batch-size", "1"]):
+        with pytest.raises(SystemExit):
+            bench.get_args(flags)
+    run = subprocess.run([sys.executable, "bench.py", "--infer", "--ckpt", str(tmp_path / "missing.pt")],
+                         capture_output=True, text=True, cwd=REPO)
+    assert run.returncode != 0 and run.stderr == f"error: checkpoint {tmp_path / 'missing.pt'} not found\n"
 
 
 # ---------------------------------------------------------------- CUDA tier: python -m pytest -q -m cuda

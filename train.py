@@ -336,12 +336,13 @@ def make_model(args, ckpt, device, ddp):
 
 
 class Interval:
-    """The steps since the last log line. Their loss terms stay on the device, a (5,) row per step (loss, ce,
-    dice, sel, skipped), and reach the host at once only in `rows()`: at log lines, validations and checkpoints.
+    """The training steps since the last log line. Their loss terms stay on the device, a (5,) row per step (loss,
+    ce, dice, sel, skipped), and reach the host at once only in `rows()`: at log lines, validations and checkpoints.
     Time spent in validation and checkpoints is left out (`pause`), so img/s and the ETA count training only."""
 
-    def __init__(self, it):
+    def __init__(self, it, iters, iters_per_epoch, args, device):
         self.it_start, self.train_time = it, 0.0  # this process's first iteration; training seconds so far
+        self.iters, self.iters_per_epoch, self.args, self.device = iters, iters_per_epoch, args, device
         self.reset(it)
 
     def reset(self, it):
@@ -354,9 +355,9 @@ class Interval:
         self.t0 += seconds
 
     def rows(self):
-        """The steps' rows on the host, those the fp16 scaler skipped left out. FloatingPointError for a step whose
-        loss is not finite (bf16, float32: its update made the weights non-finite), or an interval whose every
-        step the fp16 scaler skipped."""
+        """The steps' rows on the host, and those of them the fp16 scaler did not skip. FloatingPointError for such
+        a step whose loss is not finite (bf16, float32: its update made the weights non-finite), or an interval
+        whose every step the fp16 scaler skipped."""
         rows = torch.stack(self.steps).tolist() if self.steps else []
         kept = [r for r in rows if not r[4]]
         for i, r in enumerate(rows):
@@ -370,29 +371,30 @@ class Interval:
                                      "capability ≥ 8.0) or --amp off")
         return rows, kept
 
-
-def log_interval(log, interval, it, iters, lr, batch_size, iters_per_epoch, val_every, val_seconds, device):
-    """The log line and log.jsonl "train" record of the interval that ends at iteration `it`."""
-    rows, kept = interval.rows()
-    dt = time.time() - interval.t0
-    interval.train_time += dt
-    terms = dict(zip(["loss", "ce", "dice", "sel"], torch.tensor(kept)[:, :4].mean(0).tolist()))  # interval means
-    # ETA: training time per iteration so far, plus the validations to come: at the multiples of --val-every in
-    # [it, iters) and the final one, each timed by the last one (before the first, counted).
-    vals_left = 1 + ((iters - 1) // val_every - (it - 1) // val_every if val_every else 0)
-    eta = interval.train_time / (it - interval.it_start) * (iters - it)
-    hm = lambda s: f"{int(s // 3600)}:{int(s % 3600 // 60):02d}"  # noqa: E731
-    eta = hm(eta + vals_left * val_seconds) if val_seconds is not None else f"{hm(eta)} + {vals_left} val"
-    fields = dict(iter=it, epoch=it / iters_per_epoch, lr=lr, **terms, skipped=len(rows) - len(kept),
-                  img_s=len(rows) * batch_size / dt, data_wait=interval.wait / dt, mem_gib=peak_memory(device))
-    log.print(f"iter {it}/{iters} | epoch {fields['epoch']:.1f} | loss {terms['loss']:.4f} ("
-              + " ".join(f"{k} {terms[k]:.4f}" for k in ("ce", "dice", "sel"))
-              + f") | lr {lr:.2e} | {fields['img_s']:.1f} img/s | data wait {fields['data_wait']:.0%} | "
-              f"mem {fields['mem_gib']:.1f} GiB | eta {eta}" + (f" | fp16 skipped {fields['skipped']}"
-                                                                 if fields["skipped"] else ""))
-    log.record("train", **fields)
-    peak_memory(device, reset=True)
-    interval.reset(it)
+    def log(self, log, it, lr, val_seconds):
+        """The log line and log.jsonl "train" record of the interval that ends at iteration `it`; a new interval."""
+        rows, kept = self.rows()
+        dt = time.time() - self.t0
+        self.train_time += dt
+        terms = dict(zip(["loss", "ce", "dice", "sel"], torch.tensor(kept)[:, :4].mean(0).tolist()))  # means
+        # ETA: training time per iteration so far, plus the validations to come: at the multiples of --val-every in
+        # [it, iters) and the final one, each timed by the last one (before the first, counted).
+        iters, every = self.iters, self.args.val_every
+        vals_left = 1 + ((iters - 1) // every - (it - 1) // every if every else 0)
+        eta = self.train_time / (it - self.it_start) * (iters - it)
+        hm = lambda s: f"{int(s // 3600)}:{int(s % 3600 // 60):02d}"  # noqa: E731
+        eta = hm(eta + vals_left * val_seconds) if val_seconds is not None else f"{hm(eta)} + {vals_left} val"
+        fields = dict(iter=it, epoch=it / self.iters_per_epoch, lr=lr, **terms, skipped=len(rows) - len(kept),
+                      img_s=len(rows) * self.args.batch_size / dt, data_wait=self.wait / dt,
+                      mem_gib=peak_memory(self.device))
+        skipped = f" | fp16 skipped {fields['skipped']}" if fields["skipped"] else ""
+        log.print(f"iter {it}/{iters} | epoch {fields['epoch']:.1f} | loss {terms['loss']:.4f} ("
+                  + " ".join(f"{k} {terms[k]:.4f}" for k in ("ce", "dice", "sel"))
+                  + f") | lr {lr:.2e} | {fields['img_s']:.1f} img/s | data wait {fields['data_wait']:.0%} | "
+                  f"mem {fields['mem_gib']:.1f} GiB | eta {eta}{skipped}")
+        log.record("train", **fields)
+        peak_memory(self.device, reset=True)
+        self.reset(it)
 
 
 def log_validation(log, result, it, iters, device):
@@ -444,7 +446,7 @@ def main(args):
     log.record("run", iter=it, iters=iters, world=world, device=str(device), amp=amp,
                environment=environment(device), config=config)
 
-    data, interval, val_seconds = iter(loader), Interval(it), None
+    data, interval, val_seconds = iter(loader), Interval(it, iters, iters_per_epoch, args, device), None
     model.train()
     peak_memory(device, reset=True)
     while it < iters:
@@ -460,8 +462,7 @@ def main(args):
         it += 1
 
         if it % args.log_every == 0 or it == iters:
-            log_interval(log, interval, it, iters, lr, args.batch_size, iters_per_epoch, args.val_every, val_seconds,
-                         device)
+            interval.log(log, it, lr, val_seconds)
         validating = it == iters or (args.val_every and it % args.val_every == 0)
         if not (validating or it % args.save_every == 0):
             continue
