@@ -16,7 +16,6 @@ import argparse
 import json
 import math
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import torch.nn.functional as TF
 from PIL import Image, ImageDraw, ImageFont
 
 from fornet import (CLASSES, PALETTE, Cityscapes, ConfusionMatrix, DataError, boundary_map, load_model, normalize,
-                    read_image, resolve_amp, to_label_ids, topk_masks)
+                    read_image, resolve_amp, run_script, to_label_ids, topk_masks)
 
 THIN = ("pole", "traffic light", "traffic sign")  # the thin classes reported beside mIoU
 MASK_COLORS = ((255, 40, 40), (255, 150, 0), (255, 255, 0), (0, 200, 255))  # innermost (smallest ratio) first
@@ -458,9 +457,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    try:
-        main(get_args())
-    except DataError as e:
-        lines = str(e).strip().splitlines()
-        worker = [line.split("DataError: ", 1)[1] for line in lines if "DataError: " in line]  # from a loader worker
-        sys.exit("error: " + (worker[-1] if worker else lines[0]))
+    run_script(main, get_args())

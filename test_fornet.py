@@ -548,9 +548,21 @@ def test_confusion_matrix_small_example():
 # ---------------------------------------------------------------- train.py
 
 
-def run_train(*flags, env=None):
-    return subprocess.run([sys.executable, str(REPO / "train.py"), *map(str, flags)], capture_output=True, text=True,
-                          cwd=REPO, timeout=240, env=env)
+def exit_line(script, *argv):
+    """A script run as its __main__ runs it, `fornet.run_script(main, get_args())`, in this process (a process of
+    its own costs seconds of imports): -> the one line it exits with."""
+    with pytest.raises(SystemExit) as e:
+        fornet.run_script(script.main, script.get_args([*map(str, argv)]))
+    assert isinstance(e.value.code, str) and "\n" not in e.value.code and "Traceback" not in e.value.code
+    return e.value.code
+
+
+def test_every_script_exits_through_run_script(tmp_path):
+    for script in ("train.py", "evaluate.py", "bench.py"):
+        assert (REPO / script).read_text().endswith('\nif __name__ == "__main__":\n    run_script(main, get_args())\n')
+    run = subprocess.run([sys.executable, "evaluate.py", "--ckpt", str(tmp_path / "missing.pt"), "--device", "cpu"],
+                         capture_output=True, text=True, cwd=REPO)
+    assert run.returncode == 1 and run.stderr == f"error: checkpoint {tmp_path / 'missing.pt'} not found\n"
 
 
 TINY = ["--backbone", "resnet50", "--channels", "16", "--crop", "64", "--batch-size", "2", "--lr", "1e-3", "--pretrained", "none",
@@ -606,7 +618,7 @@ def test_resume_continues_exactly_where_the_run_stopped(toy, tmp_path, capsys, m
     """Killed after last.pt at iteration 3 (mid-epoch: 2 iterations per epoch) and resumed, the run logs the
     same losses as an uninterrupted run: same data order, augmentation, weights, optimizer state and lr
     (and not epoch 0's images again, which would give other losses)."""
-    flags = ["--data", str(toy), "--iters", "7", "--save-every", "3", "--log-every", "1", *TINY]
+    flags = ["--data", str(toy), "--iters", "5", "--save-every", "3", "--log-every", "1", "--val-limit", "1", *TINY]
     train.main(train.get_args(flags + ["--out", str(tmp_path / "straight")]))
     straight = losses(capsys.readouterr().out)
     real_poly_lr = train.poly_lr
@@ -624,9 +636,9 @@ def test_resume_continues_exactly_where_the_run_stopped(toy, tmp_path, capsys, m
     # resumed with 2 loader processes where the first run had none: augmentation is seeded per image, not per worker
     train.main(train.get_args(["--resume", str(tmp_path / "killed" / "last.pt"), "--workers", "2"]))
     log = [line for line in capsys.readouterr().out.splitlines() if line.startswith("iter ")]
-    assert log[0].startswith("iter 4/7") and f"lr {real_poly_lr(3, 7, 1e-3):.2e}" in log[0]
+    assert log[0].startswith("iter 4/5") and f"lr {real_poly_lr(3, 5, 1e-3):.2e}" in log[0]
     assert losses("\n".join(log)) == straight[3:]
-    assert load_checkpoint(tmp_path / "killed" / "last.pt")["iter"] == 7
+    assert load_checkpoint(tmp_path / "killed" / "last.pt")["iter"] == 5
 
 
 def test_resume_with_a_moved_data_set_and_output(toy, tmp_path, capsys):
@@ -685,8 +697,7 @@ def test_log_survives_kill_9_and_resume_has_each_iteration_once(toy, tmp_path):
     proc.wait()
     checkpoint = load_checkpoint(out / "last.pt")["iter"]
     assert 3 <= checkpoint < max(iters_logged()), (checkpoint, iters_logged())  # records past the checkpoint exist
-    r = run_train("--resume", out / "last.pt", "--iters", checkpoint + 2)
-    assert r.returncode == 0, r.stderr[-2000:]
+    train.main(train.get_args(["--resume", str(out / "last.pt"), "--iters", str(checkpoint + 2)]))
     records = [json.loads(line) for line in log.read_text().splitlines()]
     assert [r["iter"] for r in records if r["type"] == "train"] == list(range(1, checkpoint + 3))
     assert [(r["type"], r["iter"]) for r in records if r["type"] != "train"] == \
@@ -759,14 +770,15 @@ def test_ablation_flags_reach_the_checkpoint_and_evaluate(toy, tmp_path, capsys)
     assert 0 <= metrics["mIoU"] <= 1
 
 
-def test_offline_imagenet_weights_give_one_clear_line(toy, tmp_path):
+def test_offline_imagenet_weights_give_one_clear_line(toy, tmp_path, monkeypatch):
     """The plain recipe downloads ImageNet weights; unreachable (a dead proxy here), it says what to pass instead."""
-    env = {k: v for k, v in os.environ.items() if k.lower() != "no_proxy"}
-    env.update(TORCH_HOME=str(tmp_path / "cache"), https_proxy="http://127.0.0.1:9", HTTPS_PROXY="http://127.0.0.1:9")
+    monkeypatch.delenv("no_proxy", raising=False), monkeypatch.delenv("NO_PROXY", raising=False)
+    for name, value in (("TORCH_HOME", tmp_path / "cache"), ("https_proxy", "http://127.0.0.1:9"),
+                        ("HTTPS_PROXY", "http://127.0.0.1:9")):
+        monkeypatch.setenv(name, str(value))
     flags = [f for f in TINY if f not in ("--pretrained", "none")]
-    r = run_train("--data", toy, "--out", tmp_path / "o", *flags, env=env)
-    assert r.returncode != 0 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
-    assert "could not get the ImageNet weights of resnet50" in r.stderr and "--pretrained PATH" in r.stderr
+    line = exit_line(train, "--data", toy, "--out", tmp_path / "o", *flags)
+    assert line.startswith("error: could not get the ImageNet weights of resnet50") and "--pretrained PATH" in line
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
@@ -782,24 +794,24 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
 
 
 def test_a_second_run_into_the_same_out_is_refused_and_touches_nothing(toy, tmp_path):
-    flags = ["--data", str(toy), "--iters", "2", *TINY]
+    flags = ["--data", str(toy), "--iters", "2", "--val-limit", "1", *TINY]
     train.main(train.get_args(flags + ["--out", str(tmp_path / "a")]))
-    train.main(train.get_args(flags + ["--out", str(tmp_path / "b")]))
+    train.main(train.get_args(flags + ["--out", str(tmp_path / "b"), "--iters", "1"]))
     files = lambda: {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}  # noqa: E731
     before = files()
     out = tmp_path / "a"
     message = (f"--out {out} already holds a run \\(last.pt at iteration 2\\): continue it with --resume "
                f"{out / 'last.pt'}, or pass another --out")
     for argv in (flags + ["--out", str(out)], ["--toy", "--out", str(out)],  # the same command twice; the toy
-                 ["--resume", str(tmp_path / "b" / "last.pt"), "--out", str(out), "--iters", "4"]):  # b into a
+                 ["--resume", str(tmp_path / "b" / "last.pt"), "--out", str(out), "--iters", "2"]):  # b into a
         with pytest.raises(DataError, match=message):
             train.main(train.get_args(argv))
     (out / "last.pt").unlink(), (out / "best.pt").unlink()
     with pytest.raises(DataError, match=r"\(log.jsonl at iteration 2\)"):  # the log alone is a run too
         train.main(train.get_args(flags + ["--out", str(out)]))
     assert files() == {p: v for p, v in before.items() if p.name.endswith("jsonl") or p.parent.name != "a"}
-    train.main(train.get_args(["--resume", str(tmp_path / "b" / "last.pt"), "--iters", "4"]))  # its own run: goes on
-    assert load_checkpoint(tmp_path / "b" / "last.pt")["iter"] == 4
+    train.main(train.get_args(["--resume", str(tmp_path / "b" / "last.pt"), "--iters", "2"]))  # its own run: goes on
+    assert load_checkpoint(tmp_path / "b" / "last.pt")["iter"] == 2
 
 
 def loss_not_finite_at(monkeypatch, steps):
@@ -816,19 +828,24 @@ def loss_not_finite_at(monkeypatch, steps):
 def test_fp16_overflow_steps_are_skipped_counted_and_the_run_goes_on(toy, tmp_path, monkeypatch, capsys):
     """CPU autocast fp16 with GradScaler("cpu"): a step whose loss (so gradients) is not finite is skipped by the
     scaler, counted in the log line and log.jsonl; only an interval with no finite step stops the run."""
-    loss_not_finite_at(monkeypatch, {2, 3})
-    flags = ["--data", str(toy), "--iters", "6", "--log-every", "3", "--amp", "fp16", *TINY]
+    loss_not_finite_at(monkeypatch, {2})
+    flags = ["--data", str(toy), "--iters", "4", "--log-every", "2", "--amp", "fp16", "--val-limit", "1", *TINY,
+             "--crop", "32"]  # fp16 convolutions are slow on a CPU
     train.main(train.get_args(flags + ["--out", str(tmp_path / "a")]))
     log = [line for line in capsys.readouterr().out.splitlines() if line.startswith("iter ")]
-    assert log[0].endswith("| fp16 skipped 2") and "skipped" not in log[1]
+    assert log[0].endswith("| fp16 skipped 1") and "skipped" not in log[1]
     records = [json.loads(line) for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
-    assert [r["skipped"] for r in records if r["type"] == "train"] == [2, 0]
+    assert [r["skipped"] for r in records if r["type"] == "train"] == [1, 0]
     assert all(math.isfinite(r["loss"]) for r in records if r["type"] == "train")  # the mean of the kept steps
     last = load_checkpoint(tmp_path / "a" / "last.pt")
-    assert all(v.isfinite().all() for v in last["model"].values()) and last["scaler"]["scale"] == 2.0**16 / 4
-    loss_not_finite_at(monkeypatch, {4, 5, 6})
-    with pytest.raises(FloatingPointError, match="all 3 steps of iterations 4-6 overflowed in fp16 and were skipped"):
-        train.main(train.get_args(flags + ["--out", str(tmp_path / "b")]))
+    assert all(v.isfinite().all() for v in last["model"].values()) and last["scaler"]["scale"] == 2.0**16 / 2
+    interval = train.Interval(2, 4, 2, train.get_args([]), torch.device("cpu"))  # steps 3 and 4, both skipped
+    for _ in range(2):
+        interval.add(torch.tensor(math.inf), {"ce": torch.tensor(math.inf)} | dict.fromkeys(["dice", "sel"],
+                                                                                            torch.tensor(0.5)),
+                     torch.tensor(1.0))
+    with pytest.raises(FloatingPointError, match="all 2 steps of iterations 3-4 overflowed in fp16 and were skipped"):
+        interval.rows()
 
 
 def test_a_non_finite_loss_stops_the_run_before_any_checkpoint_holds_it(toy, tmp_path, monkeypatch):
@@ -860,17 +877,17 @@ def test_norm_bn_under_torchrun_without_gpus_says_it_is_not_synchronised(monkeyp
     assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
 
 
-def test_torchrun_two_processes_optimise_what_one_does(toy, tmp_path):
+def test_torchrun_two_processes_optimise_what_one_does(toy, tmp_path, capsys):
     """2 processes × 1 image follow 1 process × 2 images loss for loss: the same images with the same
     augmentation (Stream), and L_CE, L_Dice, L_sel from sums over both ranks (all_ranks_sum)."""
-    flags = ["--data", str(toy), "--iters", "2", "--log-every", "1", "--device", "cpu", *TINY]
+    flags = ["--data", str(toy), "--iters", "2", "--log-every", "1", "--device", "cpu", "--val-limit", "1", *TINY]
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(REPO / "train.py"),
                         *flags, "--out", str(tmp_path / "ddp")], capture_output=True, text=True, cwd=REPO, timeout=240)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "on 2 × cpu" in r.stdout and r.stdout.count("val 2/2") == 1  # rank 0 logs
     assert load_checkpoint(tmp_path / "ddp" / "last.pt")["iter"] == 2
-    one = run_train(*flags, "--out", tmp_path / "one")
-    ddp, single = losses(r.stdout), losses(one.stdout)
+    train.main(train.get_args(flags + ["--out", str(tmp_path / "one")]))
+    ddp, single = losses(r.stdout), losses(capsys.readouterr().out)
     assert len(ddp) == 2 and ddp[0] == pytest.approx(single[0], abs=2e-4)  # the objective: equal (per rank: 0.02 off)
     # After one AdamW step, whose first update is ≈ lr·sign(g): float-level differences in near-zero gradient
     # entries flip some signs, so the second loss agrees less closely (the gradients themselves: the test below).
@@ -947,9 +964,7 @@ def test_bad_inputs_get_one_clear_line(toy, tmp_path):
     ds.images[2].write_bytes(good[: len(good) // 2])  # truncated image, read in a worker process
     for flags, message in ((["--out", tmp_path / "file" / "o"], f"--out {tmp_path / 'file' / 'o'}: cannot write there"),
                            (["--out", tmp_path / "o", "--iters", "4", "--workers", "1"], f"cannot read {ds.images[2]}")):
-        r = run_train("--data", root, *TINY, *flags)
-        assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
-        assert len(r.stderr.strip().splitlines()) == 1
+        assert exit_line(train, "--data", root, *TINY, *flags).startswith(f"error: {message}")
 
 
 def assert_compiled_equals_eager(model, compiled, x, target, rtol, atol):
@@ -977,7 +992,7 @@ def test_compiled_model_is_one_graph_and_equals_eager():
 def test_compile_flag_keeps_plain_state_dict_names(toy, tmp_path, capsys, monkeypatch):
     """A run trained with --compile resumes without it, and evaluate.py reads its checkpoints either way."""
     real_compile = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda model, **kw: real_compile(model, backend="aot_eager", **kw))
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: real_compile(model, backend="eager", **kw))  # fast
     train.main(train.get_args(["--data", str(toy), "--out", str(tmp_path), "--iters", "2", "--compile", *TINY]))
     state = load_checkpoint(tmp_path / "last.pt")["model"]
     assert state.keys() == FoRNet(**load_checkpoint(tmp_path / "last.pt")["config"]["model"]).state_dict().keys()
@@ -1073,7 +1088,7 @@ def test_saved_predictions_are_labelids_and_give_the_reported_miou(toy_ckpt, tmp
     assert [v is None for v in metrics["IoU"].values()] == [c not in present for c in range(19)]  # null = absent
 
 
-def test_own_images_any_size_and_mode_and_a_bad_file(toy_ckpt, tmp_path):
+def test_own_images_any_size_and_mode_and_a_bad_file(toy_ckpt, tmp_path, capsys):
     root, data, ckpt = toy_ckpt
     pics, out, broken = tmp_path / "pics", tmp_path / "out", tmp_path / "broken.jpg"
     pics.mkdir()
@@ -1097,10 +1112,10 @@ def test_own_images_any_size_and_mode_and_a_bad_file(toy_ckpt, tmp_path):
     with torch.no_grad():
         expected = model(normalize(image[None]))[0].argmax(1)[0]
     assert np.array_equal(np.array(Image.open(out / "rgba_pred.png")), to_label_ids(expected.numpy()))
-    run = subprocess.run([sys.executable, "evaluate.py", *argv[:3], str(broken), str(pics / "odd.png"), "--save-pred",
-                          str(tmp_path / "cli")], capture_output=True, text=True, cwd=REPO)
-    assert run.returncode != 0 and "Traceback" not in run.stderr and f"skipped: cannot read {broken}" in run.stdout
-    assert run.stderr.strip().splitlines() == ["error: 1 of 2 images could not be read (named above); the others were written"]
+    capsys.readouterr()
+    line = exit_line(evaluate, *argv[:3], broken, pics / "odd.png", "--save-pred", tmp_path / "cli")
+    assert f"skipped: cannot read {broken}" in capsys.readouterr().out
+    assert line == "error: 1 of 2 images could not be read (named above); the others were written"
     assert (tmp_path / "cli" / "odd_pred.png").exists()
 
 
@@ -1175,11 +1190,7 @@ def test_bad_inputs_give_one_clear_error(toy_ckpt, tmp_path):
     for argv, message in cases:
         with pytest.raises(DataError, match=message):
             main(get_args(argv + ["--workers", "0", "--device", "cpu"]))
-    # From the command line: one line on stderr, non-zero exit, no traceback.
-    run = subprocess.run([sys.executable, "evaluate.py", "--ckpt", str(garbage)], capture_output=True, text=True,
-                         cwd=Path(__file__).parent)
-    assert run.returncode != 0 and run.stderr.startswith(f"error: cannot load checkpoint {garbage}")
-    assert len(run.stderr.strip().splitlines()) == 1
+    assert exit_line(evaluate, "--ckpt", garbage).startswith(f"error: cannot load checkpoint {garbage}")
 
 
 # ---------------------------------------------------------------- several checkpoints: Table 2, Fig. 2
@@ -1354,10 +1365,8 @@ def test_bad_checkpoint_among_several_names_it_and_writes_nothing(runs, tmp_path
                  ["--group", "A", ckpts[0], "--group", "A", ckpts[1]]):
         with pytest.raises(SystemExit):  # argparse: one usage line
             get_args(argv)
-    run = subprocess.run([sys.executable, "evaluate.py", "--ckpt", ckpts[0], str(garbage), *outputs],
-                         capture_output=True, text=True, cwd=REPO)
-    assert run.returncode != 0 and run.stderr.startswith(f"error: cannot load checkpoint {garbage}")
-    assert len(run.stderr.strip().splitlines()) == 1
+    assert exit_line(evaluate, "--ckpt", ckpts[0], garbage, *outputs).startswith(
+        f"error: cannot load checkpoint {garbage}")
     assert list((tmp_path / "out").iterdir()) == [] and not (tmp_path / "color").exists()
 
 
@@ -1507,7 +1516,7 @@ def cost(flags, kwargs):
     return bench.cost_table(bench.get_args(flags), {**FoRNet.__init__.__kwdefaults__, **kwargs})
 
 
-@pytest.mark.parametrize("kwargs", [{}, TINY_MODEL, dict(ratios=(1, 1, 1, 1), dilation=2)])
+@pytest.mark.parametrize("kwargs", [TINY_MODEL, dict(ratios=(1, 1, 1, 1), dilation=2)])  # the default: below
 def test_cost_table_parts_add_up_to_the_whole_model(kwargs, capsys):
     table = cost(["--crop", "64", "--size", "40", "72"], kwargs)
     model = FoRNet(**kwargs)
@@ -1542,7 +1551,7 @@ def test_cost_table_with_no_arguments_runs_on_the_meta_device(capsys):
     assert table["sizes"] == [(768, 768), (1024, 2048)] and round(table["params"] / 1e6, 2) == 50.17
     assert "FoR-Net (resnet101, C=256), batch 1" in out and "GFLOPs 1024×2048" in out and "layer3" in out
     head = sum(row[3][0] for row in table["rows"][5:]) / table["totals"][0]  # after layer4: about a fifth
-    assert 0.15 < head < 0.25
+    assert 0.15 < head < 0.25 and sum(row[2] for row in table["rows"]) == table["params"]  # parts hold every weight
 
 
 def test_train_benchmark_smoke(toy, tmp_path, capsys):
@@ -1592,9 +1601,8 @@ def test_user_mistakes_get_one_clear_line(tmp_path):
     for flags in (["--warmup", "0"], ["--train", "--batch-size", "1"]):
         with pytest.raises(SystemExit):
             bench.get_args(flags)
-    run = subprocess.run([sys.executable, "bench.py", "--infer", "--ckpt", str(tmp_path / "missing.pt")],
-                         capture_output=True, text=True, cwd=REPO)
-    assert run.returncode != 0 and run.stderr == f"error: checkpoint {tmp_path / 'missing.pt'} not found\n"
+    assert exit_line(bench, "--infer", "--ckpt", tmp_path / "missing.pt") == \
+        f"error: checkpoint {tmp_path / 'missing.pt'} not found"
 
 
 # ---------------------------------------------------------------- CUDA tier: python -m pytest -q -m cuda
