@@ -80,9 +80,9 @@ def count(build, shape):
     return model, counter, out
 
 
-def timed(step, args, device):
-    """step() --warmup + --runs times -> (seconds of the first (with --compile: the compilation), seconds
-    per timed one). The peak memory is reset before the timed ones."""
+def timed(args, device, step, *inputs):
+    """step(*inputs) --warmup + --runs times -> (seconds of the first (with --compile: the compilation), seconds
+    per timed one, peak GiB of the timed ones)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)  # CUDA runs asynchronously
     t0 = time.perf_counter()
     for i in range(args.warmup + args.runs):
@@ -93,9 +93,9 @@ def timed(step, args, device):
             sync()
             peak_memory(device, reset=True)
             t0 = time.perf_counter()
-        step()
+        step(*inputs)
     sync()
-    return first, (time.perf_counter() - t0) / args.runs
+    return first, (time.perf_counter() - t0) / args.runs, peak_memory(device)
 
 
 # ---------------------------------------------------------------- where the cost is
@@ -181,12 +181,11 @@ def train_bench(args, kwargs, device):
         x = normalize(torch.randint(0, 256, (B, 3, *size), dtype=torch.uint8, device=device))
         x = x.contiguous(memory_format=memory_format)
         y = torch.randint(0, N, (B, *size), device=device)
-        first, step = timed(lambda: train_step(step_model, loss_of, optimizer, scaler, x, y, amp_dtype), args, device)
+        first, step, peak = timed(args, device, train_step, step_model, loss_of, optimizer, scaler, x, y, amp_dtype)
         tflops = 3 * counter.get_total_flops() / step / 1e12  # training ≈ 3 × the forward pass's FLOPs
         hours = args.epochs * CITYSCAPES_TRAIN / (B / step) / 3600
-        rows.append((name, B / step, 1e3 * step, first, peak_memory(device), tflops, hours))
-        print(f"{name:<30}{B / step:>8.2f}{1e3 * step:>10.0f}{first:>11.1f}{rows[-1][4]:>10.2f}{tflops:>9.2f}"
-              f"{hours:>16.1f}")
+        rows.append((name, B / step, 1e3 * step, first, peak, tflops, hours))
+        print(f"{name:<30}{B / step:>8.2f}{1e3 * step:>10.0f}{first:>11.1f}{peak:>10.2f}{tflops:>9.2f}{hours:>16.1f}")
         del model, step_model, optimizer
     print(f"step time FoR-Net / DeepLabV3: {rows[0][2] / rows[1][2]:.2f}")
     return rows
@@ -222,11 +221,11 @@ def infer_bench(args, kwargs, device):
         model, x = build().to(device), torch.randn(1, 3, *args.size, device=device)
         model = torch.compile(model, dynamic=False) if args.compile else model
         with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            first, seconds = timed(lambda: model(x), args, device)
-        rows.append((name, sum(p.numel() for p in meta.parameters()) / 1e6, counter.get_total_flops() / 2e9,
-                     1e3 * seconds, 1 / seconds, first, peak_memory(device)))
-        print(f"{name:<36}{rows[-1][1]:>11.2f}{rows[-1][2]:>10.1f}{1e3 * seconds:>14.1f}{1 / seconds:>8.2f}"
-              f"{first:>10.1f}{rows[-1][6]:>16.2f}")
+            first, seconds, peak = timed(args, device, model, x)
+        params, gmacs = sum(p.numel() for p in meta.parameters()) / 1e6, counter.get_total_flops() / 2e9
+        rows.append((name, params, gmacs, 1e3 * seconds, 1 / seconds, first, peak))
+        print(f"{name:<36}{params:>11.2f}{gmacs:>10.1f}{1e3 * seconds:>14.1f}{1 / seconds:>8.2f}{first:>10.1f}"
+              f"{peak:>16.2f}")
         del model, meta
     return rows
 

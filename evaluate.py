@@ -75,9 +75,9 @@ def get_args(argv=None):
     if any(len(group) < 2 for group in args.group or []):
         p.error("--group needs a name and at least one checkpoint")
     args.groups = [(group[0], group[1:]) for group in args.group] if args.group else [(None, [c]) for c in args.ckpt]
-    paths = [c for _, members in args.groups for c in members]
+    args.paths = [c for _, members in args.groups for c in members]  # every checkpoint, in column order
     names = [name for name, _ in args.groups if name]
-    if len(set(paths)) < len(paths) or len(set(names)) < len(names):
+    if len(set(args.paths)) < len(args.paths) or len(set(names)) < len(names):
         p.error("a checkpoint or a group name is given twice")
     if args.images and not (args.save_color or args.save_pred):
         p.error("--images needs --save-color DIR and/or --save-pred DIR (there are no labels to score)")
@@ -89,11 +89,10 @@ def get_args(argv=None):
 
 
 def slide(model, x, crop, stride):
-    """Sliding-window logits. x (1, 3, H, W) -> (1, N, H, W).
+    """Sliding-window logits, averaged over the windows that cover each pixel. x (1, 3, H, W) -> (1, N, H, W).
 
-    Windows of crop×crop every `stride` px; the last window of a row/column is moved back to end
-    at the border, and a side shorter than `crop` gets one window of its own length (no padding).
-    Logits are summed and divided by the number of windows that cover each pixel.
+    Windows of crop×crop every `stride` px; the last window of a row/column is moved back to end at the border, and
+    a side shorter than `crop` gets one window of its own length (no padding).
     """
     H, W = x.shape[-2:]
     starts = lambda L: list(range(0, max(L - crop, 0), stride)) + [max(L - crop, 0)]  # noqa: E731
@@ -112,9 +111,8 @@ def slide(model, x, crop, stride):
 def predict(model, image, *, mode="whole", crop=768, stride=512, scales=(1.0,), flip=False, amp_dtype=None):
     """Class probabilities of one image. image (1, 3, H, W), normalised -> (1, N, H, W) float32.
 
-    Each scale s resizes the input to round(s·H)×round(s·W); with `flip` the mirrored input is run
-    too and its logits are mirrored back. Every pass's logits are resized to H×W and turned into
-    softmax probabilities, which are averaged over the passes (as mmsegmentation does).
+    Softmax probabilities averaged over the passes, as mmsegmentation does: one per scale s at round(s·H)×round(s·W),
+    with `flip` each one's mirror image too, the logits mirrored back and resized to H×W first.
     Paper is silent on test-time augmentation; the default (one whole-image pass) has none.
     """
     H, W = image.shape[-2:]
@@ -144,9 +142,9 @@ def gt_boundary(target):
 def dilate(mask, d):
     """(..., H, W) bool -> (..., H, W) bool: pixels within Chebyshev distance d of a set pixel.
 
-    The (2d+1)×(2d+1) max filter separates into a row pass and a column pass; on a bool mask each
-    pass is an OR of the mask shifted by 1..d px both ways (nothing enters from beyond the border).
-    Same result as the (2d+1)² max-pool (tested), about 100× faster at d = 10 on 1024×2048 (1 CPU thread).
+    The (2d+1)×(2d+1) max filter separates into a row pass and a column pass, each an OR of the mask shifted by
+    1..d px both ways (nothing enters from beyond the border): the (2d+1)² max-pool's result (tested), about 100×
+    faster at d = 10 on 1024×2048 (1 CPU thread).
     """
     for dim in (-1, -2):
         src, mask, L = mask, mask.clone(), mask.shape[dim]
@@ -159,12 +157,11 @@ def dilate(mask, d):
 class HardRegions:
     """Hard-region metrics accumulated over a split (counts summed over images, never per-image means).
 
-    Trimap mIoU at width d: a ConfusionMatrix over the pixels within d px (Chebyshev) of a GT
-    boundary pixel. Boundary F-score: per class c, the boundary pixels of c in the GT and in the
-    prediction (both by `gt_boundary`, prediction restricted to labelled pixels); precision =
-    predicted ones within `tol` px of a GT one, recall = GT ones within `tol` px of a predicted
-    one; F_c = 2PR/(P+R) from the summed counts; mean over classes with any boundary pixel.
-    Paper is silent on hard-region metrics: widths 3, 5, 10 px and tolerance 3 px are ours; the
+    Trimap mIoU at width d: a ConfusionMatrix over the pixels within d px (Chebyshev) of a GT boundary pixel.
+    Boundary F-score: per class c, the boundary pixels of c in the GT and in the prediction (both by `gt_boundary`,
+    prediction restricted to labelled pixels); precision = predicted ones within `tol` px of a GT one, recall = GT
+    ones within `tol` px of a predicted one; F_c = 2PR/(P+R) from the summed counts; mean over classes with any
+    boundary pixel. Paper is silent on hard-region metrics: widths 3, 5, 10 px and tolerance 3 px are ours; the
     boundary F-score is not comparable with published ones, whose tolerance and averaging differ.
     """
 
@@ -207,10 +204,9 @@ def save_color(path, image, preds, names, sel, ratios, target=None):
     """One PNG of H×W panels, COLUMNS a row (Fig. 2): image | ground truth | each checkpoint's prediction | S | masks.
 
     image (3, H, W) uint8; preds: one (H, W) trainIds per checkpoint, labelled with its name; target (H, W)
-    trainIds, or None for your own images (then no ground-truth panel and no errors). Labels in PALETTE colours,
-    ignored pixels black; a labelled pixel predicted as another class is WRONG (white). S = σ(sel) and the Top-K
+    trainIds, or None for your own images (then no ground-truth panel and no errors). S = σ(sel) and the Top-K
     masks are the first checkpoint's, sel (1, 1, h, w): the masks of the ratios are nested, so each location is
-    coloured by the smallest ratio whose mask holds it. Panel i lies at row i // COLUMNS, column i % COLUMNS.
+    coloured by the smallest ratio whose mask holds it.
     """
     H, W = image.shape[-2:]
     rgb = image.cpu().float() / 255  # (3, H, W)
@@ -358,9 +354,8 @@ def print_comparison(comparison):
 
 
 def infer(models, names, image, stem, args, amp_dtype, target=None):
-    """Each model's (H, W) trainIds for one image (3, H, W) uint8 on the device; writes, when asked, `stem`_pred.png
-    per model (several: in a subfolder named by its column) and `stem`_color.png (with target (H, W): the ground
-    truth and the errors)."""
+    """Each model's (H, W) trainIds for one image (3, H, W) uint8 on the device; writes `stem`_pred.png (one per model)
+    and `stem`_color.png when --save-pred and --save-color ask, the latter with the ground truth if target (H, W)."""
     x = normalize(image[None])  # (1, 3, H, W)
     preds = [predict(model, x, mode=args.mode, crop=args.crop, stride=args.stride, scales=args.scales, flip=args.flip,
                      amp_dtype=amp_dtype).argmax(1)[0] for model in models]  # (H, W) each
@@ -408,9 +403,8 @@ def main(args):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DataError(f"--device {args.device}: no GPU visible (use --device cpu)")
     args.amp, amp_dtype = resolve_amp(args.amp, device)
-    paths = [c for _, members in args.groups for c in members]
-    names, models, configs = column_names(paths), [], []
-    for path in paths:  # every checkpoint is read and checked before anything is written
+    names, models, configs = column_names(args.paths), [], []
+    for path in args.paths:  # every checkpoint is read and checked before anything is written
         model, config = load_model(path)
         if config["model"].get("num_classes", 19) != len(CLASSES):
             raise DataError(f"{path} holds a {config['model']['num_classes']}-class model; "
@@ -424,10 +418,10 @@ def main(args):
         return own_images(models, names, args, device, amp_dtype)
     data = args.data or configs[0].get("data")
     if not data:
-        raise DataError(f"{paths[0]} stores no data path: pass --data /path/to/cityscapes")
+        raise DataError(f"{args.paths[0]} stores no data path: pass --data /path/to/cityscapes")
     dataset = Cityscapes(data, args.split)
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=args.workers)
-    who = paths[0] if len(paths) == 1 else f"{len(paths)} checkpoints ({', '.join(names)})"
+    who = args.paths[0] if len(args.paths) == 1 else f"{len(args.paths)} checkpoints ({', '.join(names)})"
     print(f"{who}: {len(dataset)} {args.split} images from {data} | mode {args.mode} | scales "
           f"{args.scales} | flip {args.flip} | amp {args.amp} | {device}")
 
@@ -444,7 +438,7 @@ def main(args):
             so_far = " / ".join(f"{cm.compute()['miou'] * 100:.2f}" for cm, _ in counts)
             print(f"{i + 1}/{len(dataset)} images | {(i + 1) / (time.time() - t0):.2f} img/s | mIoU so far {so_far}")
 
-    results = [scores(cm, hard, path, len(dataset), args) for (cm, hard), path in zip(counts, paths)]
+    results = [scores(cm, hard, path, len(dataset), args) for (cm, hard), path in zip(counts, args.paths)]
     if len(results) == 1:
         out = results[0]
         print_scores(out)

@@ -1648,8 +1648,8 @@ def test_cuda_bf16_and_fp16_steps_match_float32():
         optimizer = train.make_optimizer(model, 1e-4, 0.01, fused=True)
         amp_dtype = resolve_amp(amp, torch.device("cuda"))[1]
         scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
-        losses = [train.train_step(model, lambda out, y: loss_fn(*out, y), optimizer, scaler, x, target, amp_dtype, i)[0]
-                  .item() for i in range(5)]  # fp16: the scaler may skip a step or two while it finds its scale
+        losses = [train.train_step(model, lambda out, y: loss_fn(*out, y), optimizer, scaler, x, target, amp_dtype)[0]
+                  .item() for _ in range(5)]  # fp16: the scaler may skip a step or two while it finds its scale
         moved = sum((p.detach() - state[n].cuda()).abs().sum().item() for n, p in model.named_parameters())
         assert all(map(math.isfinite, losses)) and moved > 0 and all(p.isfinite().all() for p in model.parameters())
         first[amp] = losses[0]
