@@ -141,7 +141,7 @@ def cost_table(args, kwargs):
     assert [sum(row[3][j] for row in rows) for j in range(len(sizes))] == totals, "an op counted outside the parts"
     print(f"{FORNET.format(**kwargs)}, batch 1: parameters and forward FLOPs per part, "
           f"counted by FlopCounterMode (torch {torch.__version__}) on the meta device.\nTop-K: GFLOPs of branch C_i "
-          f"if it convolved only the k_i = round(r_i·h·w) cells of its mask M_i, Eq. (2).")
+          f"if it convolved only the k_i = max(1, round(r_i·h·w)) cells of its mask M_i, Eq. (2).")
     print(f"{'part':<36}{'params (M)':>11}"
           + "".join(f"{f'GFLOPs {h}×{w}':>19}{'share':>7}{'Top-K':>9}" for h, w in sizes))
     for name, r, n, dense, masked in rows + [("total", 0, params, totals, with_masks)]:  # r < 1: a Top-K figure

@@ -272,10 +272,10 @@ GN_WEIGHTS = {"resnet50": "https://download.openmmlab.com/pretrain/third_party/r
 def caffe_conv1_to_rgb(weight):
     """conv1 weights made for Caffe-style input -> the same filters for our input, `normalize(rgb)`.
 
-    weight (64, 3, 7, 7) -> (64, 3, 7, 7). Caffe-style input is BGR, 0-255, minus the mean (103.53, 116.28, 123.675),
-    std 1; ours is RGB, (x/255 - MEAN) / STD. Since 255·MEAN is exactly that mean, x_caffe[2 - c] = 255·STD[c]·x_ours[c]:
-    flip the input channels and scale each by 255·STD[c]. conv1 has no bias and pads with zeros (the mean in both),
-    so the first feature map is the same up to float32 rounding.
+    weight (64, 3, 7, 7) -> (64, 3, 7, 7). Caffe-style input is BGR, 0-255, minus the mean (103.53, 116.28,
+    123.675), std 1; ours is RGB, (x/255 - MEAN) / STD. Since 255·MEAN is exactly that mean,
+    x_caffe[2 - c] = 255·STD[c]·x_ours[c]: flip the input channels and scale each by 255·STD[c]. conv1 has no bias
+    and pads with zeros (the mean in both), so the first feature map is the same up to float32 rounding.
     """
     return weight.flip(1) * (255 * STD).view(1, 3, 1, 1)
 
@@ -302,7 +302,8 @@ def load_backbone(resnet, pretrained, arch):
         try:  # as torchvision's weights API loads its own
             state = torch.hub.load_state_dict_from_url(url, map_location="cpu", check_hash=True, weights_only=True)
         except Exception as e:  # offline (URLError is an OSError), a wrong hash (RuntimeError), not a torch file
-            raise DataError(f"could not get the ImageNet weights of {arch} ({str(e).splitlines()[0]}): put {url} in "
+            reason = (str(e) or type(e).__name__).splitlines()[0]
+            raise DataError(f"could not get the ImageNet weights of {arch} ({reason}): put {url} in "
                             f"{torch.hub.get_dir()}/checkpoints/, or pass --pretrained PATH to a .pth, or none"
                             + (", or torchvision (BatchNorm-trained)" if caffe else "")) from None
     else:
@@ -324,7 +325,8 @@ def load_backbone(resnet, pretrained, arch):
             renamed[name] = tensor
     if not renamed:
         raise DataError(f"pretrained weights {source} match no parameter of {arch}")
-    if caffe and "conv1.weight" in renamed:
+    caffe = caffe and "conv1.weight" in renamed
+    if caffe:
         renamed["conv1.weight"] = caffe_conv1_to_rgb(renamed["conv1.weight"])
     missing = [n for n in own if n not in renamed]
     resnet.load_state_dict(renamed, strict=False)
@@ -797,5 +799,6 @@ def load_model(path):
         model = FoRNet(**ckpt["config"]["model"])
         model.load_state_dict(ckpt["model"])
     except (TypeError, RuntimeError, ValueError, AssertionError) as e:
-        raise DataError(f"{path}: weights do not fit the model in its config: {str(e).splitlines()[0]}") from None
+        raise DataError(f"{path}: weights do not fit the model in its config: "
+                        f"{(str(e) or type(e).__name__).splitlines()[0]}") from None
     return model.eval(), ckpt["config"]

@@ -807,7 +807,8 @@ def test_a_second_run_into_the_same_out_is_refused_and_touches_nothing(toy, tmp_
         with pytest.raises(DataError, match=message):
             train.main(train.get_args(argv))
     (out / "last.pt").unlink(), (out / "best.pt").unlink()
-    with pytest.raises(DataError, match=r"\(log.jsonl at iteration 2\)"):  # the log alone is a run too
+    with pytest.raises(DataError, match=rf"\(log.jsonl at iteration 2\): it wrote no last.pt to resume: delete "
+                                        rf"{out / 'log.jsonl'}, or pass another --out"):  # the log alone is a run
         train.main(train.get_args(flags + ["--out", str(out)]))
     assert files() == {p: v for p, v in before.items() if p.name.endswith("jsonl") or p.parent.name != "a"}
     train.main(train.get_args(["--resume", str(tmp_path / "b" / "last.pt"), "--iters", "2"]))  # its own run: goes on
@@ -827,7 +828,8 @@ def loss_not_finite_at(monkeypatch, steps):
 
 def test_fp16_overflow_steps_are_skipped_counted_and_the_run_goes_on(toy, tmp_path, monkeypatch, capsys):
     """CPU autocast fp16 with GradScaler("cpu"): a step whose loss (so gradients) is not finite is skipped by the
-    scaler, counted in the log line and log.jsonl; only an interval with no finite step stops the run."""
+    scaler, counted in the log line and log.jsonl; only MAX_SKIPPED skipped steps in a row stop the run, counted
+    across log lines."""
     loss_not_finite_at(monkeypatch, {2})
     flags = ["--data", str(toy), "--iters", "4", "--log-every", "2", "--amp", "fp16", "--val-limit", "1", *TINY,
              "--crop", "32"]  # fp16 convolutions are slow on a CPU
@@ -839,12 +841,16 @@ def test_fp16_overflow_steps_are_skipped_counted_and_the_run_goes_on(toy, tmp_pa
     assert all(math.isfinite(r["loss"]) for r in records if r["type"] == "train")  # the mean of the kept steps
     last = load_checkpoint(tmp_path / "a" / "last.pt")
     assert all(v.isfinite().all() for v in last["model"].values()) and last["scaler"]["scale"] == 2.0**16 / 2
-    interval = train.Interval(2, 4, 2, train.get_args([]), torch.device("cpu"))  # steps 3 and 4, both skipped
-    for _ in range(2):
-        interval.add(torch.tensor(math.inf), {"ce": torch.tensor(math.inf)} | dict.fromkeys(["dice", "sel"],
-                                                                                            torch.tensor(0.5)),
-                     torch.tensor(1.0))
-    with pytest.raises(FloatingPointError, match="all 2 steps of iterations 3-4 overflowed in fp16 and were skipped"):
+    interval, n = train.Interval(0, 100, 10, train.get_args([]), torch.device("cpu")), train.MAX_SKIPPED
+    parts = {"ce": torch.tensor(math.inf), "dice": torch.tensor(0.5), "sel": torch.tensor(0.5)}
+    for it, skipped in enumerate([1] * (n - 1) + [0] + [1] * (n - 1), 1):  # one good step breaks the row
+        interval.add(torch.tensor(math.inf if skipped else 1.0), parts if skipped else dict.fromkeys(parts, torch.tensor(
+            0.5)), torch.tensor(float(skipped)))
+        if it % 10 == 0:
+            interval.log(train.RunLog(None, master=False), it, 1e-4, None)
+    interval.rows()  # the steps since the last log line: n - 1 skipped in a row
+    interval.add(torch.tensor(math.inf), parts, torch.tensor(1.0))
+    with pytest.raises(FloatingPointError, match=f"{n} steps in a row up to iteration {2 * n} overflowed in fp16"):
         interval.rows()
 
 

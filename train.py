@@ -36,6 +36,9 @@ TOY = dict(data="runs/toy/data", out="runs/toy", backbone="resnet50", pretrained
            batch_size=4, iters=400, lr=2e-3, workers=0, log_every=50, val_every=0)
 VAL_PROGRESS = 100  # a progress line every this many validation images
 RUN_FILES = ("last.pt", "best.pt", "log.jsonl")  # what a run writes into --out
+# fp16: GradScaler halves its scale at each skipped step; this many in a row (from its start at 2^16: below 2^-8)
+# mean the loss overflows at any scale. One overflow now and then, when the scale has grown, is routine.
+MAX_SKIPPED = 25
 
 
 def get_args(argv=None):
@@ -152,8 +155,9 @@ def train_step(model, loss_of, optimizer, scaler, image, target, amp_dtype):
     """One step: forward under autocast (amp_dtype None = float32), loss_of(output, target) -> (total, parts) in
     float32, backward through the fp16 loss scaler (a no-op otherwise), optimizer step.
 
-    -> (total, parts, skipped), device tensors: nothing here waits for the GPU. skipped is 1 when the fp16 scaler
-    skipped the step because its gradients overflowed (inf/NaN; it then halves its scale), else 0.
+    -> (total, parts, skipped), device tensors: with a fused optimizer (on GPUs) nothing here waits for the GPU.
+    skipped is 1 when the fp16 scaler skipped the step because its gradients overflowed (inf/NaN; it then halves
+    its scale), else 0.
     """
     with torch.autocast(image.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         out = model(image)
@@ -209,8 +213,12 @@ def resume_state(args):
 
 
 def refuse_to_overwrite(args):
-    """DataError if --out already holds a run that this one would overwrite: any but the one being resumed."""
+    """DataError if --out cannot be written, or holds a run that this one would overwrite: any but the one being
+    resumed. Every rank checks, before anything is written."""
     out = Path(args.out)
+    existing = next(p for p in (out, *out.parents) if p.exists())  # the folder that will hold --out
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise DataError(f"--out {out}: cannot write there ({existing} is not a writable folder)")
     found = [name for name in RUN_FILES if (out / name).exists() and (out / name).stat().st_size > 0]
     if not found or (args.resume and out.resolve() == Path(args.resume).resolve().parent):
         return
@@ -219,8 +227,9 @@ def refuse_to_overwrite(args):
             json.loads((out / found[0]).read_text().splitlines()[-1])["iter"]
     except (DataError, ValueError, IndexError, KeyError):  # unreadable, empty, or a line cut short
         at = "?"
-    raise DataError(f"--out {out} already holds a run ({found[0]} at iteration {at}): continue it with "
-                    f"--resume {out / 'last.pt'}, or pass another --out")
+    way = f"continue it with --resume {out / 'last.pt'}" if "last.pt" in found else \
+        f"it wrote no last.pt to resume: delete {', '.join(str(out / name) for name in found)}"
+    raise DataError(f"--out {out} already holds a run ({found[0]} at iteration {at}): {way}, or pass another --out")
 
 
 def setup_distributed(args):
@@ -299,7 +308,7 @@ def make_data(args, it, rank, world, device, ddp):
     return train_set, val_set, loader, args.iters or args.epochs * iters_per_epoch, iters_per_epoch
 
 
-def make_model(args, ckpt, device, ddp):
+def make_model(args, ckpt, device, ddp, amp_dtype, memory_format):
     """-> (model, optimizer, scaler, best_miou), from scratch / ImageNet weights, or the state in `ckpt`."""
     pretrained = None if args.pretrained == "none" or ckpt else args.pretrained
     first_on_machine = os.environ.get("LOCAL_RANK", "0") == "0"
@@ -315,10 +324,8 @@ def make_model(args, ckpt, device, ddp):
             print(f"norm: BatchNorm -> SyncBatchNorm over {dist.get_world_size()} GPUs" if device.type == "cuda" else
                   "note: --norm bn without GPUs: SyncBatchNorm needs NCCL, so each process normalises over its own "
                   f"{args.batch_size // dist.get_world_size()} images, not the one-GPU objective")
-    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     model = model.to(device, memory_format=memory_format)
     optimizer = make_optimizer(model, args.lr, args.weight_decay, fused=device.type == "cuda")
-    amp, amp_dtype = resolve_amp(args.amp, device)  # args.amp keeps the request ("auto"): a resume decides anew
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)  # a no-op unless fp16
     if not ckpt:
         return model, optimizer, scaler, -math.inf  # the first validation always writes best.pt
@@ -328,7 +335,7 @@ def make_model(args, ckpt, device, ddp):
         if ckpt["scaler"]:  # empty when the run had no fp16 loss scaling
             scaler.load_state_dict(ckpt["scaler"])
     except (RuntimeError, ValueError, KeyError) as e:
-        raise DataError(f"cannot resume from {args.resume}: {str(e).splitlines()[0]}") from None
+        raise DataError(f"cannot resume from {args.resume}: {(str(e) or type(e).__name__).splitlines()[0]}") from None
     return model, optimizer, scaler, ckpt.get("best_miou", -math.inf)
 
 
@@ -342,11 +349,13 @@ class Interval:
 
     def __init__(self, it, iters, iters_per_epoch, args, device):
         self.it_start, self.train_time = it, 0.0  # this process's first iteration; training seconds so far
+        self.skipped_before = self.skipped_after = 0  # fp16 steps skipped in a row before / up to the end of it
         self.iters, self.iters_per_epoch, self.args, self.device = iters, iters_per_epoch, args, device
         self.reset(it)
 
     def reset(self, it):
         self.it, self.steps, self.wait, self.t0 = it, [], 0.0, time.time()  # the interval starts after iteration it
+        self.skipped_before = self.skipped_after
 
     def add(self, total, parts, skipped):
         self.steps.append(torch.stack([total.detach(), *parts.values(), skipped]))  # (5,), no host sync
@@ -356,27 +365,30 @@ class Interval:
 
     def rows(self):
         """The steps' rows on the host, and those of them the fp16 scaler did not skip. FloatingPointError for such
-        a step whose loss is not finite (bf16, float32: its update made the weights non-finite), or an interval
-        whose every step the fp16 scaler skipped."""
+        a step whose loss is not finite (bf16, float32: its update made the weights non-finite), or when MAX_SKIPPED
+        steps in a row were skipped."""
         rows = torch.stack(self.steps).tolist() if self.steps else []
-        kept = [r for r in rows if not r[4]]
+        in_a_row = self.skipped_before
         for i, r in enumerate(rows):
+            in_a_row = in_a_row + 1 if r[4] else 0
             if not r[4] and not all(map(math.isfinite, r)):
                 raise FloatingPointError(f"non-finite loss at iteration {self.it + i + 1}: loss {r[0]:.4g} (ce "
                                          f"{r[1]:.4g}, dice {r[2]:.4g}, sel {r[3]:.4g}): resume from the last "
                                          "checkpoint with a lower --lr or --amp off")
-        if rows and not kept:
-            raise FloatingPointError(f"all {len(rows)} steps of iterations {self.it + 1}-{self.it + len(rows)} "
-                                     "overflowed in fp16 and were skipped: use --amp bf16 (GPUs of compute "
-                                     "capability ≥ 8.0) or --amp off")
-        return rows, kept
+            if in_a_row == MAX_SKIPPED:
+                raise FloatingPointError(f"{MAX_SKIPPED} steps in a row up to iteration {self.it + i + 1} overflowed "
+                                         "in fp16 and were skipped: use --amp bf16 (GPUs of compute capability ≥ "
+                                         "8.0) or --amp off")
+        self.skipped_after = in_a_row
+        return rows, [r for r in rows if not r[4]]
 
     def log(self, log, it, lr, val_seconds):
         """The log line and log.jsonl "train" record of the interval that ends at iteration `it`; a new interval."""
         rows, kept = self.rows()
         dt = time.time() - self.t0
         self.train_time += dt
-        terms = dict(zip(["loss", "ce", "dice", "sel"], torch.tensor(kept)[:, :4].mean(0).tolist()))  # means
+        means = torch.tensor(kept).mean(0).tolist() if kept else [math.nan] * 4  # nan: every step skipped
+        terms = dict(zip(["loss", "ce", "dice", "sel"], means))
         # ETA: training time per iteration so far, plus the validations to come: at the multiples of --val-every in
         # [it, iters) and the final one, each timed by the last one (before the first, counted).
         iters, every = self.iters, self.args.val_every
@@ -423,11 +435,16 @@ def main(args):
     it, master = ckpt["iter"] if ckpt else 0, rank == 0
     train_set, val_set, loader, iters, iters_per_epoch = make_data(args, it, rank, world, device, ddp)
     if it >= iters:  # a finished run, resumed
-        print(f"{args.resume} is at iteration {it} of {iters}: nothing left to do (give a larger --iters to go on)")
+        if master:
+            print(f"{args.resume} is at iteration {it} of {iters}: nothing left to do (give a larger --iters)")
+        if ddp:
+            dist.destroy_process_group()
         return
+    amp, amp_dtype = resolve_amp(args.amp, device)  # args.amp keeps the request ("auto"): a resume decides anew
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     torch.manual_seed(args.seed)  # the model's initial weights
-    raw_model, optimizer, scaler, best_miou = make_model(args, ckpt, device, ddp)
-    log = RunLog(args.out, master, args.resume, it)  # the first file this run writes
+    raw_model, optimizer, scaler, best_miou = make_model(args, ckpt, device, ddp, amp_dtype, memory_format)
+    log = RunLog(args.out, master, args.resume, it)  # once data and model are ready: a failed start leaves no log
     if ckpt:
         log.print(f"resuming {args.resume} at iteration {it}")
     model = raw_model  # raw_model is saved and validated: no "module." or "_orig_mod." in its state-dict names
@@ -437,8 +454,6 @@ def main(args):
         model = torch.compile(model)
     loss_fn = FoRNetLoss(num_classes=19, lambda_dice=args.lambda_dice, lambda_sel=args.lambda_sel)
     loss_of = lambda out, y: loss_fn(*out, y)  # noqa: E731
-    amp, amp_dtype = resolve_amp(args.amp, device)
-    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     config = {**{k: v for k, v in vars(args).items() if k != "explicit"}, "model": model_kwargs(args)}
     log.print(f"{len(train_set)} train / {len(val_set)} val images | {iters} iterations of {args.batch_size} "
               f"({iters / iters_per_epoch:.1f} epochs) on {world} × {device.type} | amp {amp} | "
@@ -466,8 +481,8 @@ def main(args):
         validating = it == iters or (args.val_every and it % args.val_every == 0)
         if not (validating or it % args.save_every == 0):
             continue
-        paused = time.time()  # validation and checkpoints are not training time
         interval.rows()  # stops here, not in a checkpoint, if a step since the last log line diverged
+        paused = time.time()  # validation and checkpoints are not training time
         if validating:
             peak_memory(device, reset=True)
             result = validate(raw_model, val_set, device, rank, world, args.workers, log.print)
