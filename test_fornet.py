@@ -876,7 +876,7 @@ def test_norm_bn_under_torchrun_without_gpus_says_it_is_not_synchronised(monkeyp
     dist.init_process_group("gloo", rank=0, world_size=1)
     try:
         args = train.get_args(["--norm", "bn", "--batch-size", "4", "--backbone", "resnet50", "--pretrained", "none"])
-        model = train.make_model(args, None, torch.device("cpu"), ddp=True)[0]
+        model = train.make_model(args, None, torch.device("cpu"), True, None, torch.contiguous_format)[0]
     finally:
         dist.destroy_process_group()
     assert "note: --norm bn without GPUs: SyncBatchNorm needs NCCL" in capsys.readouterr().out
