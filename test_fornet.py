@@ -870,10 +870,9 @@ def test_a_non_finite_loss_stops_the_run_before_any_checkpoint_holds_it(toy, tmp
         fornet.run_script(lambda args: save_checkpoint(nan, tmp_path / "last.pt"), None)
 
 
-def test_norm_bn_under_torchrun_without_gpus_says_it_is_not_synchronised(monkeypatch, capsys):
+def test_norm_bn_under_torchrun_without_gpus_says_it_is_not_synchronised(tmp_path, capsys):
     import torch.distributed as dist
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1"), monkeypatch.setenv("MASTER_PORT", "29517")
-    dist.init_process_group("gloo", rank=0, world_size=1)
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)  # no port
     try:
         args = train.get_args(["--norm", "bn", "--batch-size", "4", "--backbone", "resnet50", "--pretrained", "none"])
         model = train.make_model(args, None, torch.device("cpu"), True, None, torch.contiguous_format)[0]
