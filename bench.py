@@ -18,7 +18,7 @@ import torch.nn.functional as TF
 import torchvision
 from torch.utils.flop_counter import FlopCounterMode
 
-from fornet import (Cityscapes, DataError, FoRNet, FoRNetLoss, TrainTransform, environment, load_checkpoint, normalize,
+from fornet import (Cityscapes, FoRNet, FoRNetLoss, TrainTransform, environment, get_device, load_checkpoint, normalize,
                     peak_memory, resolve_amp, run_script)
 from train import make_optimizer, train_step
 
@@ -231,9 +231,7 @@ def infer_bench(args, kwargs, device):
 
 
 def main(args):
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise DataError(f"--device {args.device}: no GPU visible (use --device cpu)")
+    device = get_device(args.device)
     kwargs = fornet_kwargs(args)  # a bad --ckpt, and a bad --data below, fail before anything is timed
     if not (args.train or args.infer or args.data):
         return cost_table(args, kwargs)

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as TF
 from PIL import Image, ImageDraw, ImageFont
 
-from fornet import (CLASSES, PALETTE, Cityscapes, ConfusionMatrix, DataError, boundary_map, load_model, normalize,
-                    read_image, resolve_amp, run_script, to_label_ids, topk_masks)
+from fornet import (CLASSES, PALETTE, Cityscapes, ConfusionMatrix, DataError, boundary_map, get_device, load_model,
+                    normalize, read_image, resolve_amp, run_script, to_label_ids, topk_masks)
 
 THIN = ("pole", "traffic light", "traffic sign")  # the thin classes reported beside mIoU
 MASK_COLORS = ((255, 40, 40), (255, 150, 0), (255, 255, 0), (0, 200, 255))  # innermost (smallest ratio) first
@@ -399,9 +399,7 @@ def own_images(models, names, args, device, amp_dtype):
 
 def main(args):
     """One checkpoint: its metrics (as --json writes them); several: the comparison; --images: the paths drawn."""
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise DataError(f"--device {args.device}: no GPU visible (use --device cpu)")
+    device = get_device(args.device)
     args.amp, amp_dtype = resolve_amp(args.amp, device)
     names, models, configs = column_names(args.paths), [], []
     for path in args.paths:  # every checkpoint is read and checked before anything is written

@@ -711,6 +711,17 @@ class ConfusionMatrix:
 # ======================================================================================
 
 
+def get_device(name):
+    """--device -> torch.device; DataError for a name that is no device, or a GPU where none is visible."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise DataError(f"--device {name}: not a device (cuda, cuda:N or cpu)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DataError(f"--device {name}: no GPU visible (use --device cpu)")
+    return device
+
+
 def resolve_amp(amp, device):
     """--amp -> (name, autocast dtype or None).
 

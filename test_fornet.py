@@ -1610,6 +1610,9 @@ def test_user_mistakes_get_one_clear_line(tmp_path):
             bench.get_args(flags)
     assert exit_line(bench, "--infer", "--ckpt", tmp_path / "missing.pt") == \
         f"error: checkpoint {tmp_path / 'missing.pt'} not found"
+    for script in (train, evaluate, bench):  # one device check, fornet.get_device, for every script
+        assert exit_line(script, "--device", "gpu", *(["--ckpt", "x.pt"] if script is evaluate else [])) == \
+            "error: --device gpu: not a device (cuda, cuda:N or cpu)"
 
 
 # ---------------------------------------------------------------- CUDA tier: python -m pytest -q -m cuda

@@ -25,7 +25,7 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
 from fornet import (CLASSES, Cityscapes, ConfusionMatrix, DataError, FoRNet, FoRNetLoss, TrainTransform, environment,
-                    load_checkpoint, make_toy_cityscapes, normalize, peak_memory, resolve_amp, run_script,
+                    get_device, load_checkpoint, make_toy_cityscapes, normalize, peak_memory, resolve_amp, run_script,
                     save_checkpoint)
 
 MODEL, LOSS = FoRNet.__init__.__kwdefaults__, FoRNetLoss.__init__.__kwdefaults__  # the paper's values live there
@@ -237,12 +237,11 @@ def setup_distributed(args):
     world = int(os.environ.get("WORLD_SIZE", 1))
     if args.batch_size % world:
         raise DataError(f"--batch-size {args.batch_size} is the total over all GPUs: it must be divisible by {world}")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise DataError(f"--device {args.device}: no GPU visible (use --device cpu)")
+    device = get_device(args.device)
     if "RANK" not in os.environ:
-        return False, 0, 1, torch.device(args.device)
-    dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
-    device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if args.device.startswith("cuda") else "cpu")
+        return False, 0, 1, device
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if device.type == "cuda" else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     return True, dist.get_rank(), world, device
