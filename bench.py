@@ -49,21 +49,13 @@ def get_args(argv=None):
     g.add_argument("--channels-last", action="store_true", help="--train: model and images in channels-last format")
     g.add_argument("--warmup", type=int, default=3, help="untimed steps first; the first one's time is printed")
     g.add_argument("--runs", type=int, default=10, help="timed steps (--train) or passes (--infer)")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="cuda or cpu (the cost table counts on the meta device)")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     args = p.parse_args(argv)
     if args.warmup < 1 or args.runs < 1:
         p.error("--warmup and --runs must be ≥ 1 (the first step, with --compile the compilation, is never timed)")
     if args.train and args.batch_size < 2:
         p.error("--train needs --batch-size ≥ 2: DeepLabV3's image-pooling BatchNorm cannot train on one image")
     return args
-
-
-def fornet_kwargs(args):
-    """FoRNet's keyword arguments, every one: the checkpoint's config["model"] with --ckpt, else the paper's values
-    with --backbone. Never pretrained: a benchmark needs no weights."""
-    chosen = load_checkpoint(args.ckpt)["config"]["model"] if args.ckpt else dict(backbone=args.backbone)
-    return {**FoRNet.__init__.__kwdefaults__, **chosen, "pretrained": None}
 
 
 def deeplab(backbone, num_classes=19):
@@ -84,21 +76,16 @@ def timed(args, device, step, *inputs):
     """step(*inputs) --warmup + --runs times -> (seconds of the first (with --compile: the compilation), seconds
     per timed one, peak GiB of the timed ones)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)  # CUDA runs asynchronously
-    t0 = time.perf_counter()
-    for i in range(args.warmup + args.runs):
-        if i == 1:
-            sync()
-            first = time.perf_counter() - t0
-        if i == args.warmup:
-            sync()
+    seconds = []
+    for phase, n in enumerate((1, args.warmup - 1, args.runs)):  # the first step, the other warm-up ones, the timed
+        if phase == 2:
             peak_memory(device, reset=True)
-            t0 = time.perf_counter()
-        step(*inputs)
-    sync()
-    return first, (time.perf_counter() - t0) / args.runs, peak_memory(device)
-
-
-# ---------------------------------------------------------------- where the cost is
+        t0 = time.perf_counter()
+        for _ in range(n):
+            step(*inputs)
+        sync()
+        seconds.append(time.perf_counter() - t0)
+    return seconds[0], seconds[2] / args.runs, peak_memory(device)
 
 
 def parts(model):
@@ -134,16 +121,15 @@ def cost_table(args, kwargs):
         dense = [sum(f.get(path, 0) for path in paths) for f in flops]
         # Top-K keeps k_i = max(1, round(r_i·h·w)) cells (topk_masks); a convolution costs the same at every cell.
         masked = [d * max(1, round(r * c)) // c for d, c in zip(dense, cells)]
-        rows.append((name, r, sum(p.numel() for path in paths for p in model.get_submodule(path).parameters()),
-                     dense, masked))
+        params = sum(p.numel() for path in paths for p in model.get_submodule(path).parameters())
+        rows.append((name, r, params, dense, masked))
     params = sum(p.numel() for p in model.parameters())
-    with_masks = [sum(row[4][j] for row in rows) for j in range(len(sizes))]
-    assert [sum(row[3][j] for row in rows) for j in range(len(sizes))] == totals, "an op counted outside the parts"
+    with_masks = [sum(masked) for masked in zip(*(row[4] for row in rows))]
+    assert [sum(dense) for dense in zip(*(row[3] for row in rows))] == totals, "an op counted outside the parts"
     print(f"{FORNET.format(**kwargs)}, batch 1: parameters and forward FLOPs per part, "
           f"counted by FlopCounterMode (torch {torch.__version__}) on the meta device.\nTop-K: GFLOPs of branch C_i "
-          f"if it convolved only the k_i = max(1, round(r_i·h·w)) cells of its mask M_i, Eq. (2).")
-    print(f"{'part':<36}{'params (M)':>11}"
-          + "".join(f"{f'GFLOPs {h}×{w}':>19}{'share':>7}{'Top-K':>9}" for h, w in sizes))
+          f"if it convolved only the k_i = max(1, round(r_i·h·w)) cells of its mask M_i, Eq. (2).\n{'part':<36}"
+          f"{'params (M)':>11}" + "".join(f"{f'GFLOPs {h}×{w}':>19}{'share':>7}{'Top-K':>9}" for h, w in sizes))
     for name, r, n, dense, masked in rows + [("total", 0, params, totals, with_masks)]:  # r < 1: a Top-K figure
         line = f"{name:<36}{n / 1e6:>11.2f}"
         for d, m, t in zip(dense, masked, totals):
@@ -155,45 +141,38 @@ def cost_table(args, kwargs):
     return dict(sizes=sizes, rows=rows, params=params, totals=totals, cells=cells, with_masks=with_masks)
 
 
-# ---------------------------------------------------------------- timings
-
-
 def train_bench(args, kwargs, device):
-    """Training steps on random data, each one train.py's own train_step: FoR-Net (our loss) vs torchvision's
-    DeepLabV3 (cross entropy, ignore 255) with the same backbone, classes, batch, crop, amp and memory format."""
-    B, size, N = args.batch_size, (args.crop, args.crop), kwargs["num_classes"]
+    """--train: FoR-Net (our loss) vs DeepLabV3 (cross entropy, ignore 255) with the same backbone, classes, batch,
+    crop, amp and memory format, each step train.py's own."""
+    B, N, size = args.batch_size, kwargs["num_classes"], (args.crop, args.crop)
     amp, amp_dtype = resolve_amp(args.amp or "auto", device)
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    x = normalize(torch.randint(0, 256, (B, 3, *size), dtype=torch.uint8, device=device))
+    x, y = x.contiguous(memory_format=memory_format), torch.randint(0, N, (B, *size), device=device)
     fornet_loss = FoRNetLoss(num_classes=N)  # λ1, λ2 do not change the cost
     models = [(FORNET.format(**kwargs), lambda: FoRNet(**kwargs), lambda out, y: fornet_loss(*out, y)),
               (f"DeepLabV3 ({kwargs['backbone']})", lambda: deeplab(kwargs["backbone"], N),
                lambda out, y: (TF.cross_entropy(out["out"], y, ignore_index=255), {}))]
-    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     print(f"{B}×3×{size[0]}×{size[1]} | amp {amp} | compile {args.compile} | channels-last {args.channels_last} | "
           f"{args.warmup} warm-up + {args.runs} timed steps\n{'model':<30}{'img/s':>8}{'ms/step':>10}"
           f"{'1st step s':>11}{'peak GiB':>10}{'TFLOP/s':>9}{f'{args.epochs} epochs (h)':>16}")
     rows = []
     for name, build, loss_of in models:
-        _, counter, _ = count(build, (B, 3, *size))
+        flops = count(build, x.shape)[1].get_total_flops()
         model = build().to(device, memory_format=memory_format).train()
-        step_model = torch.compile(model) if args.compile else model
         optimizer = make_optimizer(model, 1e-4, 1e-2, fused=device.type == "cuda")  # train.py's lr and weight decay
         scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-        x = normalize(torch.randint(0, 256, (B, 3, *size), dtype=torch.uint8, device=device))
-        x = x.contiguous(memory_format=memory_format)
-        y = torch.randint(0, N, (B, *size), device=device)
-        first, step, peak = timed(args, device, train_step, step_model, loss_of, optimizer, scaler, x, y, amp_dtype)
-        tflops = 3 * counter.get_total_flops() / step / 1e12  # training ≈ 3 × the forward pass's FLOPs
-        hours = args.epochs * CITYSCAPES_TRAIN / (B / step) / 3600
-        rows.append((name, B / step, 1e3 * step, first, peak, tflops, hours))
-        print(f"{name:<30}{B / step:>8.2f}{1e3 * step:>10.0f}{first:>11.1f}{peak:>10.2f}{tflops:>9.2f}{hours:>16.1f}")
-        del model, step_model, optimizer
+        run = torch.compile(model) if args.compile else model
+        first, step, peak = timed(args, device, train_step, run, loss_of, optimizer, scaler, x, y, amp_dtype)
+        rows.append((name, B / step, 1e3 * step, first, peak, 3 * flops / step / 1e12,  # training ≈ 3× forward FLOPs
+                     args.epochs * CITYSCAPES_TRAIN / (B / step) / 3600))
+        print("{:<30}{:>8.2f}{:>10.0f}{:>11.1f}{:>10.2f}{:>9.2f}{:>16.1f}".format(*rows[-1]))
     print(f"step time FoR-Net / DeepLabV3: {rows[0][2] / rows[1][2]:.2f}")
     return rows
 
 
 def loader_bench(args, dataset, rate=None):
-    """The data pipeline in this one process, i.e. what one --workers process of train.py delivers, on the first 20
-    training images: decode, then decode + augment (TrainTransform at --crop). rate: the img/s it has to feed."""
+    """--data: what one train.py --workers process delivers, on the first 20 training images; rate: img/s to feed."""
     n = min(len(dataset), 20)
     for name, transform in (("decode", None), ("decode + augment", TrainTransform(args.crop))):
         dataset.transform, t0 = transform, time.perf_counter()
@@ -207,40 +186,36 @@ def loader_bench(args, dataset, rate=None):
 
 
 def infer_bench(args, kwargs, device):
-    """Inference at batch 1: params, GMACs, latency, first pass (with --compile: the compilation), peak memory;
-    FoR-Net vs torchvision's DeepLabV3-ResNet101, in float32 unless --amp."""
+    """--infer: FoR-Net vs torchvision's DeepLabV3-ResNet101, in eval mode (BatchNorm over one image)."""
     amp, amp_dtype = resolve_amp(args.amp or "off", device)
-    models = [(FORNET.format(**kwargs), lambda: FoRNet(**kwargs).eval()),
-              ("DeepLabV3-ResNet101 (torchvision)", lambda: deeplab("resnet101").eval())]  # eval: BN of 1 image
+    x = torch.randn(1, 3, *args.size, device=device)
     print(f"1×3×{args.size[0]}×{args.size[1]} | amp {amp} | compile {args.compile} | {args.warmup} warm-up + "
           f"{args.runs} timed runs\n{'model':<36}{'params (M)':>11}{'GMACs':>10}{'latency (ms)':>14}{'FPS':>8}"
           f"{'1st run s':>10}{'peak mem (GiB)':>16}")
     rows = []
-    for name, build in models:
-        meta, counter, _ = count(build, (1, 3, *args.size))
-        model, x = build().to(device), torch.randn(1, 3, *args.size, device=device)
-        model = torch.compile(model, dynamic=False) if args.compile else model
+    for name, build in [(FORNET.format(**kwargs), lambda: FoRNet(**kwargs).eval()),
+                        ("DeepLabV3-ResNet101 (torchvision)", lambda: deeplab("resnet101").eval())]:
+        meta, counter, _ = count(build, x.shape)
+        model = build().to(device)
+        run = torch.compile(model, dynamic=False) if args.compile else model
         with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            first, seconds, peak = timed(args, device, model, x)
-        params, gmacs = sum(p.numel() for p in meta.parameters()) / 1e6, counter.get_total_flops() / 2e9
-        rows.append((name, params, gmacs, 1e3 * seconds, 1 / seconds, first, peak))
-        print(f"{name:<36}{params:>11.2f}{gmacs:>10.1f}{1e3 * seconds:>14.1f}{1 / seconds:>8.2f}{first:>10.1f}"
-              f"{peak:>16.2f}")
-        del model, meta
+            first, seconds, peak = timed(args, device, run, x)
+        rows.append((name, sum(p.numel() for p in meta.parameters()) / 1e6, counter.get_total_flops() / 2e9,
+                     1e3 * seconds, 1 / seconds, first, peak))
+        print("{:<36}{:>11.2f}{:>10.1f}{:>14.1f}{:>8.2f}{:>10.1f}{:>16.2f}".format(*rows[-1]))
     return rows
 
 
 def main(args):
     device = get_device(args.device)
-    kwargs = fornet_kwargs(args)  # a bad --ckpt, and a bad --data below, fail before anything is timed
+    chosen = load_checkpoint(args.ckpt)["config"]["model"] if args.ckpt else dict(backbone=args.backbone)
+    kwargs = {**FoRNet.__init__.__kwdefaults__, **chosen, "pretrained": None}  # all of FoRNet's; never weights
     if not (args.train or args.infer or args.data):
         return cost_table(args, kwargs)
-    dataset = Cityscapes(args.data, "train") if args.data else None
+    dataset = Cityscapes(args.data, "train") if args.data else None  # a bad --ckpt or --data: fails before timing
     torch.backends.cudnn.benchmark = True  # fixed sizes: cuDNN picks its fastest kernels once, in the warm-up
     print(environment(device))
-    result = {}
-    if args.train:
-        result["train"] = train_bench(args, kwargs, device)
+    result = {"train": train_bench(args, kwargs, device)} if args.train else {}
     if args.data:
         result["loader"] = loader_bench(args, dataset, result["train"][0][1] if args.train else None)
     if args.infer:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as TF
 from PIL import Image, ImageDraw, ImageFont
 
-from fornet import (CLASSES, PALETTE, Cityscapes, ConfusionMatrix, DataError, boundary_map, get_device, load_model,
+from fornet import (CLASSES, PALETTE, Cityscapes, ConfusionMatrix, DataError, HardRegions, get_device, load_model,
                     normalize, read_image, resolve_amp, run_script, to_label_ids, topk_masks)
 
 THIN = ("pole", "traffic light", "traffic sign")  # the thin classes reported beside mIoU
@@ -58,7 +58,7 @@ def get_args(argv=None):
     g.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="off",
                    help="off (default): float32, as published numbers are; auto/bf16/fp16 for speed (as train.py)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (compiles anew for each input size)")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda, cuda:N or cpu")
     g = p.add_argument_group("hard regions")
     g.add_argument("--trimap", type=int, nargs="+", default=[3, 5, 10], help="mIoU within d px of a GT boundary")
     g.add_argument("--bf-tol", type=int, default=3, help="boundary F-score: match tolerance in px")
@@ -129,72 +129,6 @@ def predict(model, image, *, mode="whole", crop=768, stride=512, scales=(1.0,), 
                 logits = TF.interpolate(logits, size=(H, W), mode="bilinear", align_corners=False)  # (1, N, H, W)
             probs = probs + logits.softmax(1)
     return probs / (len(scales) * (2 if flip else 1))
-
-
-# ---------------------------------------------------------------- hard-region metrics
-
-
-def gt_boundary(target):
-    """(H, W) trainIds -> (H, W) bool: labelled pixels with a different labelled trainId among their 8 neighbours."""
-    return boundary_map(target[None], target.shape[-2:], band=0)[0][0, 0] > 0  # full size, not widened
-
-
-def dilate(mask, d):
-    """(..., H, W) bool -> (..., H, W) bool: pixels within Chebyshev distance d of a set pixel.
-
-    The (2d+1)×(2d+1) max filter separates into a row pass and a column pass, each an OR of the mask shifted by
-    1..d px both ways (nothing enters from beyond the border): the (2d+1)² max-pool's result (tested), about 100×
-    faster at d = 10 on 1024×2048 (1 CPU thread).
-    """
-    for dim in (-1, -2):
-        src, mask, L = mask, mask.clone(), mask.shape[dim]
-        for k in range(1, min(d, L - 1) + 1):
-            mask.narrow(dim, k, L - k).logical_or_(src.narrow(dim, 0, L - k))  # from k px before
-            mask.narrow(dim, 0, L - k).logical_or_(src.narrow(dim, k, L - k))  # from k px after
-    return mask
-
-
-class HardRegions:
-    """Hard-region metrics accumulated over a split (counts summed over images, never per-image means).
-
-    Trimap mIoU at width d: a ConfusionMatrix over the pixels within d px (Chebyshev) of a GT boundary pixel.
-    Boundary F-score: per class c, the boundary pixels of c in the GT and in the prediction (both by `gt_boundary`,
-    prediction restricted to labelled pixels); precision = predicted ones within `tol` px of a GT one, recall = GT
-    ones within `tol` px of a predicted one; F_c = 2PR/(P+R) from the summed counts; mean over classes with any
-    boundary pixel. Paper is silent on hard-region metrics: widths 3, 5, 10 px and tolerance 3 px are ours; the
-    boundary F-score is not comparable with published ones, whose tolerance and averaging differ.
-    """
-
-    def __init__(self, widths=(3, 5, 10), tol=3, num_classes=19):
-        self.trimap = {d: ConfusionMatrix(num_classes) for d in widths}
-        self.tol, self.num_classes = tol, num_classes
-        self.counts = torch.zeros(4, num_classes, dtype=torch.long)  # matched pred, all pred, matched GT, all GT
-
-    def update(self, pred, target):
-        """pred, target (H, W) trainIds (target 255 = ignore)."""
-        edge_gt = gt_boundary(target)  # (H, W)
-        for d, cm in self.trimap.items():
-            band = dilate(edge_gt, d)  # (H, W)
-            cm.update(pred[band], target[band])
-        valid = target != 255
-        edge_pred = gt_boundary(pred.masked_fill(~valid, 255))  # (H, W)
-        N = self.num_classes
-        n_gt = torch.bincount(target[edge_gt], minlength=N)[:N].cpu()  # (N,)   |B_gt,c|
-        n_pred = torch.bincount(pred[edge_pred], minlength=N)[:N].cpu()  # (N,)   |B_pred,c|
-        matched_pred, matched_gt = torch.zeros(N, dtype=torch.long), torch.zeros(N, dtype=torch.long)
-        for c in ((n_gt > 0) & (n_pred > 0)).nonzero().flatten().tolist():  # else nothing can match
-            B_gt, B_pred = edge_gt & (target == c), edge_pred & (pred == c)  # (H, W) each
-            matched_pred[c] = (B_pred & dilate(B_gt, self.tol)).sum().item()
-            matched_gt[c] = (B_gt & dilate(B_pred, self.tol)).sum().item()
-        self.counts += torch.stack([matched_pred, n_pred, matched_gt, n_gt])  # (4, N)
-
-    def compute(self):
-        """-> {"trimap": {d: mIoU}, "bf": (N,) float64, NaN where a class has no boundary pixel}."""
-        m_p, n_p, m_g, n_g = self.counts.double()
-        P, R = m_p / n_p.clamp(min=1), m_g / n_g.clamp(min=1)  # (N,) each
-        bf = torch.where(P + R > 0, 2 * P * R / (P + R), 0.0)  # (N,)
-        bf[(n_p + n_g) == 0] = math.nan
-        return {"trimap": {d: cm.compute()["miou"] for d, cm in self.trimap.items()}, "bf": bf}
 
 
 # ---------------------------------------------------------------- pictures

@@ -18,12 +18,12 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 import bench
 import evaluate
 import train
-from evaluate import COLUMNS, WRONG, HardRegions, beyond_noise, dilate, get_args, gt_boundary, main, predict, save_color
+from evaluate import COLUMNS, WRONG, beyond_noise, get_args, main, predict, save_color
 import fornet
 from fornet import (CLASSES, ID_LUT, MEAN, PALETTE, STD, TRAIN_ID_TO_ID, Cityscapes, ConfusionMatrix, DataError, FoRNet,
-                    FoRNetLoss, GroupNorm, TrainTransform, boundary_map, load_backbone, load_checkpoint, load_model,
-                    make_toy_cityscapes, normalize, peak_memory, read_image, resolve_amp, save_checkpoint, to_label_ids,
-                    to_train_ids, topk_masks)
+                    FoRNetLoss, GroupNorm, HardRegions, Seeded, Stream, TrainTransform, boundary_map, dilate, gt_boundary,
+                    load_backbone, load_checkpoint, load_model, make_toy_cityscapes, normalize, peak_memory, read_image,
+                    resolve_amp, save_checkpoint, to_label_ids, to_train_ids, topk_masks)
 
 torch.set_num_threads(2)
 
@@ -440,8 +440,7 @@ def test_loader_pairs_and_maps(toy):
     assert target.shape == (64, 128) and target.dtype == torch.uint8
     raw = np.array(Image.open(ds.labels[0]))
     assert torch.equal(target.long(), to_train_ids(torch.from_numpy(raw)))
-    assert isinstance(to_train_ids(raw), np.ndarray) and np.array_equal(to_train_ids(raw), target.numpy())  # NumPy in, out
-    assert np.array_equal(to_train_ids(to_label_ids(target.numpy())), target.numpy())
+    assert torch.equal(to_train_ids(to_label_ids(target)), target.long())
     x = normalize(image)
     assert x.dtype == torch.float32 and torch.allclose(x[:, 0, 0], (image[:, 0, 0] / 255 - MEAN) / STD)
     assert (target[:3] == 255).all()  # the toy's "out of roi" strip (id 3) is ignored
@@ -601,15 +600,15 @@ def test_short_training_run_lowers_loss_and_checkpoints(toy, tmp_path, capsys):
 
 
 def test_stream_is_a_function_of_seed_epoch_and_position(tmp_path):
-    full = list(itertools.islice(train.Stream(10, 4, seed=3), 40))  # 2 iterations of 4 per epoch: 5 epochs
+    full = list(itertools.islice(Stream(10, 4, seed=3), 40))  # 2 iterations of 4 per epoch: 5 epochs
     epochs = [[i for i, _ in full[e * 8:(e + 1) * 8]] for e in range(5)]
     assert all(len(set(e)) == 8 for e in epochs) and len({tuple(e) for e in epochs}) == 5  # reshuffled every epoch
-    assert list(itertools.islice(train.Stream(10, 4, seed=3, start=3), 28)) == full[12:]  # resumed at iteration 3
-    assert list(itertools.islice(train.Stream(10, 4, seed=4), 40)) != full
-    ranks = [list(itertools.islice(train.Stream(10, 4, seed=3, rank=r, world=2), 20)) for r in (0, 1)]
+    assert list(itertools.islice(Stream(10, 4, seed=3, start=3), 28)) == full[12:]  # resumed at iteration 3
+    assert list(itertools.islice(Stream(10, 4, seed=4), 40)) != full
+    ranks = [list(itertools.islice(Stream(10, 4, seed=3, rank=r, world=2), 20)) for r in (0, 1)]
     for j in range(10):  # iteration j: the two ranks' images together are the one-process batch
         assert sorted(ranks[0][2 * j:2 * j + 2] + ranks[1][2 * j:2 * j + 2]) == sorted(full[4 * j:4 * j + 4])
-    data = train.Seeded(Cityscapes(make_toy_cityscapes(tmp_path, n_train=1, n_val=0, size=(48, 64)),
+    data = Seeded(Cityscapes(make_toy_cityscapes(tmp_path, n_train=1, n_val=0, size=(48, 64)),
                                    transform=TrainTransform(crop=32)))
     assert torch.equal(data[(0, 7)][0], data[(0, 7)][0]) and not torch.equal(data[(0, 7)][0], data[(0, 8)][0])
 
@@ -1118,7 +1117,7 @@ def test_own_images_any_size_and_mode_and_a_bad_file(toy_ckpt, tmp_path, capsys)
     image = read_image(pics / "rgba.png", "RGB").permute(2, 0, 1)  # (3, H, W) uint8
     with torch.no_grad():
         expected = model(normalize(image[None]))[0].argmax(1)[0]
-    assert np.array_equal(np.array(Image.open(out / "rgba_pred.png")), to_label_ids(expected.numpy()))
+    assert np.array_equal(np.array(Image.open(out / "rgba_pred.png")), to_label_ids(expected).numpy())
     capsys.readouterr()
     line = exit_line(evaluate, *argv[:3], broken, pics / "odd.png", "--save-pred", tmp_path / "cli")
     assert f"skipped: cannot read {broken}" in capsys.readouterr().out

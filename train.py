@@ -6,11 +6,9 @@
     python train.py --toy                                             # synthetic demo, CPU, a few minutes
 
 Recipe (Sec. 3.1, 4.1): ResNet-101 with GroupNorm, AdamW lr 1e-4, batch 8, crop 768, 200 epochs, random
-scale / crop / flip, poly schedule, CE + Dice + selector loss. Our choices where the paper is silent (README):
-GroupNorm-trained ImageNet weights to start from, poly power 0.9, weight decay 0.01, scale range 0.5-2, mixed
-precision (bf16, or fp16 on older GPUs). Costs per step and per part of the model: bench.py.
-Writes into --out: log.jsonl (a JSON record per log line and per validation), last.pt, best.pt; an --out that
-already holds a run is refused.
+scale / crop / flip, poly schedule, CE + Dice + selector loss; where the paper is silent, the flags' defaults
+(README, "Choices and deviations"). Writes log.jsonl (a JSON record per log line and validation), last.pt and
+best.pt into --out, never into an --out that holds another run. Costs: bench.py.
 """
 import argparse
 import json
@@ -24,9 +22,9 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
-from fornet import (CLASSES, Cityscapes, ConfusionMatrix, DataError, FoRNet, FoRNetLoss, TrainTransform, environment,
-                    get_device, load_checkpoint, make_toy_cityscapes, normalize, peak_memory, resolve_amp, run_script,
-                    save_checkpoint)
+from fornet import (CLASSES, Cityscapes, ConfusionMatrix, DataError, FoRNet, FoRNetLoss, Seeded, Stream, TrainTransform,
+                    environment, first_line, get_device, load_checkpoint, make_toy_cityscapes, normalize, peak_memory,
+                    resolve_amp, run_script, save_checkpoint)
 
 MODEL, LOSS = FoRNet.__init__.__kwdefaults__, FoRNetLoss.__init__.__kwdefaults__  # the paper's values live there
 # --toy changes these defaults (flags given on the command line still win): a ResNet-50 with a
@@ -88,7 +86,7 @@ def get_args(argv=None):
     g.add_argument("--log-every", type=int, default=20, help="a log line and a log.jsonl record every N iterations")
     g.add_argument("--resume", help="continue the run in this last.pt; flags given here win over the stored ones")
     g.add_argument("--seed", type=int, default=0, help="model init, data order and augmentation")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda, cuda:N or cpu")
     args = p.parse_args(argv)
     if args.dilation < 1 or not all(0 < r <= 1 for r in args.ratios):
         p.error("--dilation must be ≥ 1 (Table 2's '0 (no dilation)' is --dilation 1) and each of --ratios in (0, 1]")
@@ -103,43 +101,6 @@ def get_args(argv=None):
 def poly_lr(it, iters, base_lr, power=0.9):
     """Poly schedule (Sec. 4.1): lr = base_lr · (1 - it/iters)^0.9 (the power is our choice; the paper gives none)."""
     return base_lr * (1 - it / iters) ** power
-
-
-class Stream(torch.utils.data.Sampler):
-    """The training order, endless, from iteration `start` on: yields (image index, augmentation seed).
-
-    Epoch e is a permutation drawn from (seed, e) with one augmentation seed per position, so a
-    resumed run sees exactly what the uninterrupted run would have. Iteration j of an epoch takes
-    positions j·B ... (j+1)·B - 1 (B the global batch; an epoch's last incomplete batch is dropped)
-    and rank r of `world` the positions ≡ r mod world among them: the same images, with the same
-    augmentation, whatever the number of GPUs.
-    """
-
-    def __init__(self, n, batch, *, seed, start=0, rank=0, world=1):
-        self.n, self.batch, self.seed, self.start, self.rank, self.world = n, batch, seed, start, rank, world
-        self.iters_per_epoch = n // batch
-
-    def __iter__(self):
-        epoch, j = divmod(self.start, self.iters_per_epoch)
-        while True:
-            g = torch.Generator().manual_seed(1_000_003 * self.seed + epoch)
-            order, seeds = torch.randperm(self.n, generator=g), torch.randint(2**62, (self.n,), generator=g)
-            for p in range(j * self.batch + self.rank, self.iters_per_epoch * self.batch, self.world):
-                yield order[p].item(), seeds[p].item()
-            epoch, j = epoch + 1, 0
-
-
-class Seeded(torch.utils.data.Dataset):
-    """dataset[(i, seed)] = dataset[i] with its random augmentation drawn from `seed` (in any worker)."""
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def __getitem__(self, key):
-        i, seed = key
-        with torch.random.fork_rng(devices=[]):  # the CPU generator, restored afterwards
-            torch.default_generator.manual_seed(seed)
-            return self.dataset[i]
 
 
 def make_optimizer(model, lr, weight_decay, fused=False):
@@ -334,7 +295,7 @@ def make_model(args, ckpt, device, ddp, amp_dtype, memory_format):
         if ckpt["scaler"]:  # empty when the run had no fp16 loss scaling
             scaler.load_state_dict(ckpt["scaler"])
     except (RuntimeError, ValueError, KeyError) as e:
-        raise DataError(f"cannot resume from {args.resume}: {(str(e) or type(e).__name__).splitlines()[0]}") from None
+        raise DataError(f"cannot resume from {args.resume}: {first_line(e)}") from None
     return model, optimizer, scaler, ckpt.get("best_miou", -math.inf)
 
 
