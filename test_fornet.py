@@ -276,9 +276,9 @@ def test_small_model_overfits_one_batch():
     target[:, :, 16:] = 1
     target[:, 20:, :] = 2
     target[0, :6, :6] = 255
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-3)  # 10 steps: as low (≈ 0.3 × the first) as 30 at 1e-3
     losses = []
-    for _ in range(30):
+    for _ in range(10):
         total, _ = loss_fn(*model(x), target)
         opt.zero_grad()
         total.backward()
@@ -572,7 +572,17 @@ def losses(log):
     return [float(line.split("| loss ")[1].split()[0]) for line in log.splitlines() if line.startswith("iter ")]
 
 
-def test_short_training_run_lowers_loss_and_checkpoints(toy, tmp_path, capsys):
+@pytest.fixture
+def shallow_resnet50(monkeypatch):
+    """torchvision's ResNet-50 with one Bottleneck per stage (the first, with its downsample; not 3, 4, 6, 3), for
+    tests whose subject does not depend on the depth (train.py's loop, logs and checkpoints; torch.compile's
+    tracing): a third of the weights to step and save (8.0 M, not 23.5 M), a quarter of the blocks to trace."""
+    import torchvision
+    from torchvision.models.resnet import Bottleneck, ResNet
+    monkeypatch.setattr(torchvision.models, "resnet50", lambda weights=None, **kw: ResNet(Bottleneck, [1] * 4, **kw))
+
+
+def test_short_training_run_lowers_loss_and_checkpoints(toy, tmp_path, capsys, shallow_resnet50):
     train.main(train.get_args(["--data", str(toy), "--out", str(tmp_path), "--iters", "12", "--log-every", "1", *TINY]))
     log = capsys.readouterr().out
     curve = losses(log)
@@ -613,7 +623,7 @@ def test_stream_is_a_function_of_seed_epoch_and_position(tmp_path):
     assert torch.equal(data[(0, 7)][0], data[(0, 7)][0]) and not torch.equal(data[(0, 7)][0], data[(0, 8)][0])
 
 
-def test_resume_continues_exactly_where_the_run_stopped(toy, tmp_path, capsys, monkeypatch):
+def test_resume_continues_exactly_where_the_run_stopped(toy, tmp_path, capsys, monkeypatch, shallow_resnet50):
     """Killed after last.pt at iteration 3 (mid-epoch: 2 iterations per epoch) and resumed, the run logs the
     same losses as an uninterrupted run: same data order, augmentation, weights, optimizer state and lr
     (and not epoch 0's images again, which would give other losses)."""
@@ -640,7 +650,7 @@ def test_resume_continues_exactly_where_the_run_stopped(toy, tmp_path, capsys, m
     assert load_checkpoint(tmp_path / "killed" / "last.pt")["iter"] == 5
 
 
-def test_resume_with_a_moved_data_set_and_output(toy, tmp_path, capsys):
+def test_resume_with_a_moved_data_set_and_output(toy, tmp_path, capsys, shallow_resnet50):
     import shutil
     shutil.copytree(toy, tmp_path / "old")
     train.main(train.get_args(["--data", str(tmp_path / "old"), "--out", str(tmp_path / "run"), "--iters", "2", *TINY]))
@@ -654,7 +664,7 @@ def test_resume_with_a_moved_data_set_and_output(toy, tmp_path, capsys):
 
 
 def test_log_lines_leave_validation_out_of_img_s_and_its_eta_counts_the_ones_to_come(toy, tmp_path, capsys,
-                                                                                   monkeypatch):
+                                                                                   monkeypatch, shallow_resnet50):
     import time
     from types import SimpleNamespace
     offset = [0.0]
@@ -676,24 +686,33 @@ def test_log_lines_leave_validation_out_of_img_s_and_its_eta_counts_the_ones_to_
         assert math.isfinite(speed) and speed > 0.05, line  # an hour of validation would show
 
 
-def test_log_survives_kill_9_and_resume_has_each_iteration_once(toy, tmp_path):
-    """kill -9 after last.pt: the resumed run drops the records the dead run wrote after its checkpoint."""
+def test_log_survives_kill_9_and_resume_has_each_iteration_once(toy, tmp_path, shallow_resnet50):
+    """kill -9 after last.pt: the resumed run drops the records the dead run wrote after its checkpoint. The run
+    that dies is a fork of this process running train.py as its __main__ does (a fresh interpreter costs seconds
+    of imports), on one thread (OpenMP's thread pool does not survive a fork)."""
+    import multiprocessing
     import signal
     import time
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), "--data", str(toy), "--out", str(out),
-                             "--iters", "1000", "--save-every", "3", "--log-every", "1", "--val-every", "0", *TINY],
-                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    argv = ["--data", str(toy), "--out", str(out), "--iters", "1000", "--save-every", "3", "--log-every", "1",
+            "--val-every", "0", *TINY]
+
+    def run():  # in the forked process
+        torch.set_num_threads(1)
+        sys.stdout, sys.stderr = open(os.devnull, "w"), open(tmp_path / "stderr.txt", "w", buffering=1)
+        fornet.run_script(train.main, train.get_args(argv))
+    proc = multiprocessing.get_context("fork").Process(target=run)
+    proc.start()
     log, deadline = out / "log.jsonl", time.time() + 200
 
     def iters_logged():  # complete train records only: the last line may be half-written
         lines = log.read_text().splitlines() if log.exists() else []
         return [json.loads(line)["iter"] for line in lines if line.startswith('{"type": "train"') and line.endswith("}")]
-    while not (len(iters_logged()) >= 5 and max(iters_logged()) % 3 != 0) and proc.poll() is None:
+    while not (len(iters_logged()) >= 5 and max(iters_logged()) % 3 != 0) and proc.is_alive():
         assert time.time() < deadline, "the run logged nothing"
         time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.join()
     checkpoint = load_checkpoint(out / "last.pt")["iter"]
     assert 3 <= checkpoint < max(iters_logged()), (checkpoint, iters_logged())  # records past the checkpoint exist
     train.main(train.get_args(["--resume", str(out / "last.pt"), "--iters", str(checkpoint + 2)]))
@@ -703,7 +722,7 @@ def test_log_survives_kill_9_and_resume_has_each_iteration_once(toy, tmp_path):
         [("run", 0), ("run", checkpoint), ("val", checkpoint + 2)]
 
 
-def test_val_limit_and_memory_per_interval(toy, tmp_path, monkeypatch):
+def test_val_limit_and_memory_per_interval(toy, tmp_path, monkeypatch, shallow_resnet50):
     """--val-limit 1 validates image 0 only. `mem` is the peak since the previous record: on a CPU the process's
     peak resident memory (VmHWM, reset through /proc/self/clear_refs): a 512 MiB tensor made during iteration 3
     shows in the record at 4 and no more at 6."""
@@ -753,7 +772,7 @@ def test_amp_auto_picks_by_compute_capability(monkeypatch):
     assert resolve_amp("fp16", torch.device("cpu")) == ("fp16", torch.float16)
 
 
-def test_ablation_flags_reach_the_checkpoint_and_evaluate(toy, tmp_path, capsys):
+def test_ablation_flags_reach_the_checkpoint_and_evaluate(toy, tmp_path, capsys, shallow_resnet50):
     flags = ["--ratios", "1", "1", "1", "1", "--lambda-dice", "0", "--lambda-sel", "0", "--no-straight-through",
              "--dilation", "2"]
     train.main(train.get_args(["--data", str(toy), "--out", str(tmp_path), "--iters", "2", "--log-every", "1", *TINY,
@@ -792,7 +811,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     assert torch.load(tmp_path / "last.pt") == {"a": 1}
 
 
-def test_a_second_run_into_the_same_out_is_refused_and_touches_nothing(toy, tmp_path):
+def test_a_second_run_into_the_same_out_is_refused_and_touches_nothing(toy, tmp_path, shallow_resnet50):
     flags = ["--data", str(toy), "--iters", "2", "--val-limit", "1", *TINY]
     train.main(train.get_args(flags + ["--out", str(tmp_path / "a")]))
     train.main(train.get_args(flags + ["--out", str(tmp_path / "b"), "--iters", "1"]))
@@ -825,7 +844,8 @@ def loss_not_finite_at(monkeypatch, steps):
     monkeypatch.setattr(FoRNetLoss, "forward", forward)
 
 
-def test_fp16_overflow_steps_are_skipped_counted_and_the_run_goes_on(toy, tmp_path, monkeypatch, capsys):
+def test_fp16_overflow_steps_are_skipped_counted_and_the_run_goes_on(toy, tmp_path, monkeypatch, capsys,
+                                                                     shallow_resnet50):
     """CPU autocast fp16 with GradScaler("cpu"): a step whose loss (so gradients) is not finite is skipped by the
     scaler, counted in the log line and log.jsonl; only MAX_SKIPPED skipped steps in a row stop the run, counted
     across log lines."""
@@ -853,7 +873,7 @@ def test_fp16_overflow_steps_are_skipped_counted_and_the_run_goes_on(toy, tmp_pa
         interval.rows()
 
 
-def test_a_non_finite_loss_stops_the_run_before_any_checkpoint_holds_it(toy, tmp_path, monkeypatch):
+def test_a_non_finite_loss_stops_the_run_before_any_checkpoint_holds_it(toy, tmp_path, monkeypatch, shallow_resnet50):
     """float32 (as bf16): NaN at iteration 3 makes the weights NaN; the checkpoint due at 4 stops the run, naming
     iteration 3, before the log line at 5; last.pt stays the one of iteration 2."""
     loss_not_finite_at(monkeypatch, {3})
@@ -881,15 +901,52 @@ def test_norm_bn_under_torchrun_without_gpus_says_it_is_not_synchronised(tmp_pat
     assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
 
 
-def test_torchrun_two_processes_optimise_what_one_does(toy, tmp_path, capsys):
+TWO_RANKS = """
+import os, sys, torch, torch.distributed as dist
+import train
+from fornet import FoRNetLoss, run_script
+batch, rank = sys.argv[1], int(os.environ["RANK"])
+# 1. the two-rank loss: a process group of its own, on a FileStore (torchrun's store is left to train.py)
+dist.init_process_group("gloo", store=dist.FileStore(batch + ".store", 2), rank=rank, world_size=2)
+logits, sel, target = torch.load(batch)
+mine = [t[rank:rank + 1].clone().requires_grad_(t.is_floating_point()) for t in (logits, sel, target)]
+total, parts = FoRNetLoss(num_classes=5)(*mine)
+total.backward()
+torch.save((total.detach(), mine[0].grad, mine[1].grad), f"{batch}.{rank}")
+dist.barrier()  # neither rank leaves while the other may still talk to it (gloo aborts on a closed peer)
+dist.destroy_process_group()
+# 2. train.py, as its __main__ runs it: run_script(main, get_args())
+run_script(train.main, train.get_args(sys.argv[2:]))
+"""
+
+
+@pytest.fixture(scope="module")
+def two_ranks(toy, tmp_path_factory):
+    """One torchrun launch of 2 CPU processes serves the two tests below (a launch costs 3 processes' imports of
+    torch): each rank saves its loss and gradients on its image of batch.pt (TWO_RANKS, part 1), then runs
+    train.py with `flags` + --out <root>/ddp (part 2). -> (the finished launch, root, flags)."""
+    root = tmp_path_factory.mktemp("two_ranks")
+    torch.manual_seed(0)
+    logits, sel = torch.randn(2, 5, 24, 32) * 3, torch.randn(2, 1, 3, 4)
+    target = torch.randint(0, 5, (2, 24, 32))
+    target[0] = torch.where(target[0] == 4, 3, target[0])  # class 4 only in image 1: Dice's set of classes is global
+    target[1, :8] = 255
+    torch.save((logits, sel, target), root / "batch.pt")
+    (root / "two_ranks.py").write_text(TWO_RANKS)
+    flags = ["--data", str(toy), "--iters", "2", "--log-every", "1", "--device", "cpu", "--val-limit", "1", *TINY]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(root / "two_ranks.py"),
+                        str(root / "batch.pt"), *flags, "--out", str(root / "ddp")], capture_output=True, text=True,
+                       cwd=REPO, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+    return r, root, flags
+
+
+def test_torchrun_two_processes_optimise_what_one_does(two_ranks, tmp_path, capsys):
     """2 processes × 1 image follow 1 process × 2 images loss for loss: the same images with the same
     augmentation (Stream), and L_CE, L_Dice, L_sel from sums over both ranks (all_ranks_sum)."""
-    flags = ["--data", str(toy), "--iters", "2", "--log-every", "1", "--device", "cpu", "--val-limit", "1", *TINY]
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(REPO / "train.py"),
-                        *flags, "--out", str(tmp_path / "ddp")], capture_output=True, text=True, cwd=REPO, timeout=240)
+    r, root, flags = two_ranks
     assert r.returncode == 0, r.stderr[-2000:]
     assert "on 2 × cpu" in r.stdout and r.stdout.count("val 2/2") == 1  # rank 0 logs
-    assert load_checkpoint(tmp_path / "ddp" / "last.pt")["iter"] == 2
+    assert load_checkpoint(root / "ddp" / "last.pt")["iter"] == 2
     train.main(train.get_args(flags + ["--out", str(tmp_path / "one")]))
     ddp, single = losses(r.stdout), losses(capsys.readouterr().out)
     assert len(ddp) == 2 and ddp[0] == pytest.approx(single[0], abs=2e-4)  # the objective: equal (per rank: 0.02 off)
@@ -898,39 +955,17 @@ def test_torchrun_two_processes_optimise_what_one_does(toy, tmp_path, capsys):
     assert ddp[1] == pytest.approx(single[1], abs=5e-3)
 
 
-TWO_RANK_LOSS = """
-import sys, torch, torch.distributed as dist
-from fornet import FoRNetLoss
-dist.init_process_group("gloo")
-rank, (logits, sel, target) = dist.get_rank(), torch.load(sys.argv[1])
-mine = [t[rank:rank + 1].clone().requires_grad_(t.is_floating_point()) for t in (logits, sel, target)]
-total, parts = FoRNetLoss(num_classes=5)(*mine)
-total.backward()
-torch.save((total.detach(), mine[0].grad, mine[1].grad), f"{sys.argv[1]}.{rank}")
-dist.barrier()  # neither rank leaves while the other may still talk to it (gloo aborts on a closed peer)
-dist.destroy_process_group()
-"""
-
-
-def test_loss_over_two_ranks_equals_the_loss_over_their_batch(tmp_path):
+def test_loss_over_two_ranks_equals_the_loss_over_their_batch(two_ranks):
     """Each rank's loss is the loss of the global batch, and its gradient, once DDP averages over the 2 ranks,
     is the global batch's gradient (the Dice sums and pixel counts are summed over ranks, differentiably)."""
-    torch.manual_seed(0)
-    logits, sel = torch.randn(2, 5, 24, 32) * 3, torch.randn(2, 1, 3, 4)
-    target = torch.randint(0, 5, (2, 24, 32))
-    target[0] = torch.where(target[0] == 4, 3, target[0])  # class 4 only in image 1: Dice's set of classes is global
-    target[1, :8] = 255
-    torch.save((logits, sel, target), tmp_path / "batch.pt")
-    (tmp_path / "two_ranks.py").write_text(TWO_RANK_LOSS)
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(tmp_path / "two_ranks.py"),
-                        str(tmp_path / "batch.pt")], capture_output=True, text=True, cwd=REPO, timeout=120,
-                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    r, root, _ = two_ranks
     assert r.returncode == 0, r.stderr[:3000]  # a worker's own error comes first
+    logits, sel, target = torch.load(root / "batch.pt")  # class 4 only in image 1; image 1's top rows ignored
     logits.requires_grad_(), sel.requires_grad_()
     total, _ = FoRNetLoss(num_classes=5)(logits, sel, target)
     total.backward()
     for rank in (0, 1):
-        total_r, logits_grad, sel_grad = torch.load(tmp_path / f"batch.pt.{rank}")
+        total_r, logits_grad, sel_grad = torch.load(root / f"batch.pt.{rank}")
         torch.testing.assert_close(total_r, total.detach())
         torch.testing.assert_close(logits_grad / 2, logits.grad[rank:rank + 1])  # / 2: DDP's average over ranks
         torch.testing.assert_close(sel_grad / 2, sel.grad[rank:rank + 1])
@@ -984,9 +1019,11 @@ def assert_compiled_equals_eager(model, compiled, x, target, rtol, atol):
         torch.testing.assert_close(comp, eager, rtol=rtol, atol=atol)
 
 
-def test_compiled_model_is_one_graph_and_equals_eager():
+def test_compiled_model_is_one_graph_and_equals_eager(shallow_resnet50):
     """fullgraph=True fails on any graph break. The "aot_eager" backend traces forward and backward through
-    AOTAutograd as inductor does, short of generating code (which takes minutes on a 2-core CPU)."""
+    AOTAutograd as inductor does, short of generating code (which takes minutes on a 2-core CPU). One block per
+    backbone stage: tracing costs about a second per block, every block runs the same torchvision Bottleneck code,
+    and every line of FoRNet.forward and of the loss is still traced."""
     model = small_model()
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     x, target = torch.randn(2, 3, 48, 64), torch.randint(0, 5, (2, 48, 64))
@@ -995,7 +1032,7 @@ def test_compiled_model_is_one_graph_and_equals_eager():
         torch.testing.assert_close(compiled.eval()(x)[0], model.eval()(x)[0], rtol=1e-4, atol=1e-5)
 
 
-def test_compile_flag_keeps_plain_state_dict_names(toy, tmp_path, capsys, monkeypatch):
+def test_compile_flag_keeps_plain_state_dict_names(toy, tmp_path, capsys, monkeypatch, shallow_resnet50):
     """A run trained with --compile resumes without it, and evaluate.py reads its checkpoints either way."""
     real_compile = torch.compile
     monkeypatch.setattr(torch, "compile", lambda model, **kw: real_compile(model, backend="eager", **kw))  # fast
