@@ -49,7 +49,7 @@ def get_args(argv=None):
     g.add_argument("--channels-last", action="store_true", help="--train: model and images in channels-last format")
     g.add_argument("--warmup", type=int, default=3, help="untimed steps first; the first one's time is printed")
     g.add_argument("--runs", type=int, default=10, help="timed steps (--train) or passes (--infer)")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda, cuda:N or cpu")
     args = p.parse_args(argv)
     if args.warmup < 1 or args.runs < 1:
         p.error("--warmup and --runs must be ≥ 1 (the first step, with --compile the compilation, is never timed)")

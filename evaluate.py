@@ -113,7 +113,8 @@ def predict(model, image, *, mode="whole", crop=768, stride=512, scales=(1.0,), 
 
     Softmax probabilities averaged over the passes, as mmsegmentation does: one per scale s at round(s·H)×round(s·W),
     with `flip` each one's mirror image too, the logits mirrored back and resized to H×W first.
-    Paper is silent on test-time augmentation; the default (one whole-image pass) has none.
+    Paper is silent on test-time augmentation, and on whether its mIoU is of whole images or sliding windows: the
+    default is one whole-image pass, --mode slide the other (README, "Whole image or sliding window?").
     """
     H, W = image.shape[-2:]
     probs = 0

@@ -7,7 +7,7 @@ meant to be read next to the paper. Sections follow the paper's order:
     2. Objective   (Sec. 3.6, Eq. (9)-(10))
     3. Data        (Sec. 4.1: Cityscapes, augmentation, training order; a synthetic toy set)
     4. Metric      (Cityscapes mIoU; hard regions: trimap mIoU, boundary F-score)
-    5. Checkpoints, and what else both scripts share
+    5. Checkpoints, and what else the scripts share
 
 "The published model code" below means `fornet/model.py` (commit d81dcf6) and `fornet/loss.py`
 (commit a23f7ca) in github.com/henrychan0719/FoR-Net, not in the repository's current history.
@@ -33,7 +33,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
 import torch.nn as nn
 import torch.nn.functional as TF  # `F` is the paper's feature map
 import torchvision
@@ -298,8 +297,10 @@ def load_backbone(resnet, pretrained, arch):
         source = pretrained
         try:
             state = torch.load(pretrained, map_location="cpu", weights_only=True)
-        except Exception as e:  # missing file, not a torch file, pickled objects
-            raise DataError(f"cannot read pretrained weights {pretrained!r}: {first_line(e)}") from None
+        except FileNotFoundError:
+            raise DataError(f"pretrained weights {pretrained!r} not found") from None
+        except Exception as e:  # not a torch file, pickled objects (torch.load's message suggests unsafe loading)
+            raise DataError(f"cannot read pretrained weights {pretrained!r} ({type(e).__name__})") from None
     for key in ("state_dict", "model"):
         state = state.get(key, state) if isinstance(state, dict) else state
     if not isinstance(state, dict):
@@ -365,7 +366,21 @@ def all_ranks_sum(x):
     """
     if not (dist.is_available() and dist.is_initialized()):
         return x
-    return dist_nn.all_reduce(x)  # SUM; its backward all-reduces the gradient (SUM)
+    return _AllRanksSum.apply(x)
+
+
+class _AllRanksSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
 
 
 class FoRNetLoss(nn.Module):
@@ -751,7 +766,7 @@ class HardRegions:
 
 
 # ======================================================================================
-# 5. Checkpoints, and what else both scripts share (mixed precision, memory)
+# 5. Checkpoints, and what else the scripts share (errors, devices, mixed precision, memory)
 # ======================================================================================
 
 

@@ -21,9 +21,9 @@ import train
 from evaluate import COLUMNS, WRONG, beyond_noise, get_args, main, predict, save_color
 import fornet
 from fornet import (CLASSES, ID_LUT, MEAN, PALETTE, STD, TRAIN_ID_TO_ID, Cityscapes, ConfusionMatrix, DataError, FoRNet,
-                    FoRNetLoss, GroupNorm, HardRegions, Seeded, Stream, TrainTransform, boundary_map, dilate, gt_boundary,
-                    load_backbone, load_checkpoint, load_model, make_toy_cityscapes, normalize, peak_memory, read_image,
-                    resolve_amp, save_checkpoint, to_label_ids, to_train_ids, topk_masks)
+                    FoRNetLoss, GroupNorm, HardRegions, Seeded, Stream, TrainTransform, boundary_map, dilate,
+                    gt_boundary, load_backbone, load_checkpoint, load_model, make_toy_cityscapes, normalize,
+                    peak_memory, read_image, resolve_amp, save_checkpoint, to_label_ids, to_train_ids, topk_masks)
 
 torch.set_num_threads(2)
 
@@ -382,8 +382,11 @@ def test_pretrained_weights_that_cannot_be_used_give_one_line(tmp_path, monkeypa
         small_model(pretrained="imagenet")
     with pytest.raises(DataError, match="match no parameter"):
         load_backbone(small_model().backbone, str(tmp_path / "junk.pth"), "resnet50")
-    with pytest.raises(DataError, match="cannot read"):
+    with pytest.raises(DataError, match="missing.pth' not found"):
         load_backbone(small_model().backbone, str(tmp_path / "missing.pth"), "resnet50")
+    (tmp_path / "foreign.pth").write_text("not a torch file")
+    with pytest.raises(DataError, match=r"cannot read pretrained weights '.*foreign.pth' \(\w+\)$"):
+        load_backbone(small_model().backbone, str(tmp_path / "foreign.pth"), "resnet50")
 
 
 def test_torchvision_weights_for_batchnorm_and_for_the_a_b(tmp_path, monkeypatch, capsys):
@@ -556,7 +559,7 @@ def exit_line(script, *argv):
     return e.value.code
 
 
-def test_every_script_exits_through_run_script(tmp_path, monkeypatch):
+def test_every_script_exits_through_run_script(tmp_path, monkeypatch, capsys):
     """Each script's last line; run as __main__ (in this process: a new interpreter costs seconds of imports), a
     user's mistake ends in SystemExit with the one line, which Python prints to stderr with exit status 1."""
     import runpy
@@ -566,6 +569,7 @@ def test_every_script_exits_through_run_script(tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as exit_:
         runpy.run_path(str(REPO / "evaluate.py"), run_name="__main__")
     assert exit_.value.code == f"error: checkpoint {tmp_path / 'missing.pt'} not found"
+    assert capsys.readouterr() == ("", "")  # nothing else printed: stderr gets only that line
 
 
 TINY = ["--backbone", "resnet50", "--channels", "16", "--crop", "64", "--batch-size", "2", "--lr", "1e-3", "--pretrained", "none",
@@ -574,6 +578,13 @@ TINY = ["--backbone", "resnet50", "--channels", "16", "--crop", "64", "--batch-s
 
 def losses(log):
     return [float(line.split("| loss ")[1].split()[0]) for line in log.splitlines() if line.startswith("iter ")]
+
+
+# shallow_resnet50 for a process of its own: the source to run before train.py
+SHALLOW_RESNET50 = """import torchvision
+from torchvision.models.resnet import Bottleneck, ResNet
+torchvision.models.resnet50 = lambda weights=None, **kw: ResNet(Bottleneck, [1] * 4, **kw)
+"""
 
 
 @pytest.fixture
@@ -623,7 +634,7 @@ def test_stream_is_a_function_of_seed_epoch_and_position(tmp_path):
     for j in range(10):  # iteration j: the two ranks' images together are the one-process batch
         assert sorted(ranks[0][2 * j:2 * j + 2] + ranks[1][2 * j:2 * j + 2]) == sorted(full[4 * j:4 * j + 4])
     data = Seeded(Cityscapes(make_toy_cityscapes(tmp_path, n_train=1, n_val=0, size=(48, 64)),
-                                   transform=TrainTransform(crop=32)))
+                             transform=TrainTransform(crop=32)))
     assert torch.equal(data[(0, 7)][0], data[(0, 7)][0]) and not torch.equal(data[(0, 7)][0], data[(0, 8)][0])
 
 
@@ -692,31 +703,25 @@ def test_log_lines_leave_validation_out_of_img_s_and_its_eta_counts_the_ones_to_
 
 def test_log_survives_kill_9_and_resume_has_each_iteration_once(toy, tmp_path, shallow_resnet50):
     """kill -9 after last.pt: the resumed run drops the records the dead run wrote after its checkpoint. The run
-    that dies is a fork of this process running train.py as its __main__ does (a fresh interpreter costs seconds
-    of imports), on one thread (OpenMP's thread pool does not survive a fork)."""
-    import multiprocessing
+    that dies is train.py run as __main__ in a process of its own, on the shallow ResNet-50 too."""
     import signal
     import time
     out = tmp_path / "run"
-    argv = ["--data", str(toy), "--out", str(out), "--iters", "1000", "--save-every", "3", "--log-every", "1",
-            "--val-every", "0", *TINY]
-
-    def run():  # in the forked process
-        torch.set_num_threads(1)
-        sys.stdout, sys.stderr = open(os.devnull, "w"), open(tmp_path / "stderr.txt", "w", buffering=1)
-        fornet.run_script(train.main, train.get_args(argv))
-    proc = multiprocessing.get_context("fork").Process(target=run)
-    proc.start()
+    run_train = SHALLOW_RESNET50 + "import runpy; runpy.run_path('train.py', run_name='__main__')"
+    proc = subprocess.Popen([sys.executable, "-c", run_train, "--data", str(toy), "--out", str(out), "--iters", "1000",
+                             "--save-every", "3", "--log-every", "1", "--val-every", "0", *TINY],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     log, deadline = out / "log.jsonl", time.time() + 200
 
     def iters_logged():  # complete train records only: the last line may be half-written
         lines = log.read_text().splitlines() if log.exists() else []
         return [json.loads(line)["iter"] for line in lines if line.startswith('{"type": "train"') and line.endswith("}")]
-    while not (len(iters_logged()) >= 5 and max(iters_logged()) % 3 != 0) and proc.is_alive():
+    while not (len(iters_logged()) >= 5 and max(iters_logged()) % 3 != 0) and proc.poll() is None:
         assert time.time() < deadline, "the run logged nothing"
         time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.join()
+    assert proc.poll() is None, proc.stderr.read()[-2000:]  # still running: killed now
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
     checkpoint = load_checkpoint(out / "last.pt")["iter"]
     assert 3 <= checkpoint < max(iters_logged()), (checkpoint, iters_logged())  # records past the checkpoint exist
     train.main(train.get_args(["--resume", str(out / "last.pt"), "--iters", str(checkpoint + 2)]))
@@ -920,10 +925,7 @@ torch.save((total.detach(), mine[0].grad, mine[1].grad), f"{batch}.{rank}")
 dist.barrier()  # neither rank leaves while the other may still talk to it (gloo aborts on a closed peer)
 dist.destroy_process_group()
 # 2. train.py, as its __main__ runs it: run_script(main, get_args()), on the test's shallow_resnet50
-import torchvision
-from torchvision.models.resnet import Bottleneck, ResNet
-torchvision.models.resnet50 = lambda weights=None, **kw: ResNet(Bottleneck, [1] * 4, **kw)
-run_script(train.main, train.get_args(sys.argv[2:]))
+""" + SHALLOW_RESNET50 + """run_script(train.main, train.get_args(sys.argv[2:]))
 """
 
 
