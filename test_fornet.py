@@ -1568,7 +1568,8 @@ def cost(flags, kwargs):
     return bench.cost_table(bench.get_args(flags), {**FoRNet.__init__.__kwdefaults__, **kwargs})
 
 
-@pytest.mark.parametrize("kwargs", [TINY_MODEL, dict(ratios=(1, 1, 1, 1), dilation=2)])  # the default: below
+@pytest.mark.parametrize("kwargs", [TINY_MODEL,  # resnet101, the default: in the test after the next
+                                    dict(backbone="resnet50", ratios=(1, 1, 1, 1), dilation=2)])
 def test_cost_table_parts_add_up_to_the_whole_model(kwargs, capsys):
     table = cost(["--crop", "64", "--size", "40", "72"], kwargs)
     with torch.device("meta"):  # shapes are all it needs
@@ -1607,8 +1608,8 @@ def test_cost_table_with_no_arguments_runs_on_the_meta_device(capsys):
     assert 0.15 < head < 0.25 and sum(row[2] for row in table["rows"]) == table["params"]  # parts hold every weight
 
 
-def test_train_benchmark_smoke(toy, tmp_path, capsys):
-    ckpt = write_ckpt(tmp_path / "tiny.pt", toy)  # a ResNet-50 with a narrow head: the cost is per weight here
+def test_train_benchmark_smoke(toy, tmp_path, capsys, shallow_resnet50):
+    ckpt = write_ckpt(tmp_path / "tiny.pt", toy)  # the shallow ResNet-50, a narrow head: the cost is per weight
     result = bench.main(bench.get_args(["--train", "--data", str(toy), "--ckpt", ckpt, "--crop", "64", "--batch-size",
                                         "2", "--channels-last", "--warmup", "1", "--runs", "1", "--device", "cpu"]))
     out = capsys.readouterr().out
@@ -1622,20 +1623,15 @@ def test_train_benchmark_smoke(toy, tmp_path, capsys):
 INFER = ["--infer", "--size", "32", "64", "--warmup", "1", "--runs", "1", "--device", "cpu"]
 
 
-def test_infer_benchmark_smoke(capsys):
-    rows = bench.main(bench.get_args(INFER + ["--backbone", "resnet50"]))["infer"]
-    out = capsys.readouterr().out
-    assert "CPU" in out.splitlines()[0] and "1×3×32×64 | amp off | compile False | 1 warm-up + 1 timed runs" in out
-    assert [r[0] for r in rows] == ["FoR-Net (resnet50, C=256)", "DeepLabV3-ResNet101 (torchvision)"]
-    assert all(len(r) == 7 and all(v > 0 for v in r[1:]) for r in rows)
-
-
 def test_infer_benchmark_builds_the_checkpoints_model(tmp_path, capsys):
     rows = bench.main(bench.get_args(INFER + ["--ckpt", write_ckpt(tmp_path / "tiny.pt", tmp_path)]))["infer"]
+    out = capsys.readouterr().out
+    assert "CPU" in out.splitlines()[0] and "1×3×32×64 | amp off | compile False | 1 warm-up + 1 timed runs" in out
+    assert [r[0] for r in rows] == ["FoR-Net (resnet50, C=16)", "DeepLabV3-ResNet101 (torchvision)"]
+    assert all(len(r) == 7 and all(v > 0 for v in r[1:]) for r in rows) and "FoR-Net (resnet50, C=16)" in out
     model, counter, _ = bench.count(lambda: FoRNet(**TINY_MODEL), (1, 3, 32, 64))
     assert rows[0][:3] == ("FoR-Net (resnet50, C=16)", sum(p.numel() for p in model.parameters()) / 1e6,
                            counter.get_total_flops() / 2e9)  # name, params (M), GMACs of the checkpoint's config
-    assert "FoR-Net (resnet50, C=16)" in capsys.readouterr().out
 
 
 def test_loader_benchmark_on_a_toy_set(tmp_path, capsys):
