@@ -52,8 +52,9 @@ class GroupNorm(nn.GroupNorm):
     Why: CUDA autocast runs group_norm in float32 (CPU autocast does not), so under bf16 every GN
     would return float32, the in-place ReLU after it would keep that float32 tensor for backward,
     and the next conv would make a bf16 copy again: more activation memory than no AMP at all.
-    The CUDA kernel still accumulates mean and variance in float32. Without autocast, with float32
-    inputs, this is exactly nn.GroupNorm.
+    Here autocast is off and the affine parameters are cast to the input's dtype; the CUDA kernel
+    still accumulates mean and variance in float32. Without autocast, with float32 inputs, this is
+    exactly nn.GroupNorm.
     """
 
     def forward(self, x):
