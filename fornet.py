@@ -1,27 +1,24 @@
 """FoR-Net: Learning to Focus on Hard Regions for Efficient Semantic Segmentation.
 
-A single-file reference implementation of arXiv:2605.02764 (Pan, Chan, Li, Shen, 2026),
-meant to be read next to the paper. Sections follow the paper's order:
+A single-file reference implementation of arXiv:2605.02764 (Pan, Chan, Li, Shen, 2026), to be read next to the
+paper. Part I is the paper: Sec. 3.1-3.6 in its order (the model, Eq. (1)-(8); the objective, Eq. (9)-(10)), then
+what Sec. 4.1-4.2 specify (input, augmentation, mIoU; optimiser, lr, batch, epochs and schedule are train.py's). Part
+II is what the paper leaves out; Part I calls it by name, so a reader with the paper open can stop at its banner.
 
-    1. Model       (Sec. 3.1-3.5, Eq. (1)-(8))
-    2. Objective   (Sec. 3.6, Eq. (9)-(10))
-    3. Data        (Sec. 4.1: Cityscapes, augmentation, training order; a synthetic toy set)
-    4. Metric      (Cityscapes mIoU; hard regions: trimap mIoU, boundary F-score)
-    5. Checkpoints, and what else the scripts share
-
-"The published model code" below means `fornet/model.py` (commit d81dcf6) and `fornet/loss.py`
-(commit a23f7ca) in github.com/henrychan0719/FoR-Net, not in the repository's current history.
-It builds the same layout as ours, with BatchNorm, and counts the same 50.17 M parameters. Where
-the paper is silent we follow it and say so; where we differ (GroupNorm, which the paper asks for;
-Top-K ties; an all-ignore batch) the docstring says so.
+Each choice of ours is labelled: "Paper is silent" (on what; what we chose, and from where), "≠ paper" (where we
+differ from the paper, and why), "as the published model code" or "≠ published code" for the authors' `fornet/model.py`
+(commit d81dcf6) and `fornet/loss.py` (commit a23f7ca) of github.com/henrychan0719/FoR-Net (commits its history no
+longer holds): the same layout, with BatchNorm, the same 50.17 M parameters.
 
 Shape legend, used in every trailing shape comment:
-    B      batch size
-    C      channels (C = 256 for the feature map F, see FoRNet)
-    H, W   input image size
-    h, w   stride-8 feature grid, h = ceil(H/8), w = ceil(W/8)
-    H4, W4 stride-4 grid of the low-level features F_low
-    N      number of classes (19 on Cityscapes)
+    B       batch size
+    C       channels of the feature map F (256, see FoRNet)
+    H, W    input image size
+    h, w    stride-8 feature grid, h = ceil(H/8), w = ceil(W/8)
+    H4, W4  stride-4 grid of the low-level features F_low
+    N       number of classes (19 on Cityscapes)
+    r_i     Top-K ratio of branch i: the paper's "top k percent" / 100; M_i keeps K_i = max(1, round(r_i·h·w))
+            locations. k_i is the kernel size of branch C_i (Sec. 3.4). The boundary map B of Eq. (9) is `B_map`.
 """
 import math
 import os
@@ -41,40 +38,20 @@ from PIL import Image, ImageOps
 
 IGNORE = 255  # Cityscapes convention: trainId 255 = ignore / void
 
-# ======================================================================================
-# 1. Model (Sec. 3.1-3.5)
-# ======================================================================================
+# ======================================================================================================================
+# Part I, the paper: Sec. 3 in its order, then Sec. 4.1-4.2
+# ======================================================================================================================
 
-
-class GroupNorm(nn.GroupNorm):
-    """nn.GroupNorm that runs in its input's dtype under autocast; same parameters and state-dict names.
-
-    Why: CUDA autocast runs group_norm in float32 (CPU autocast does not), so under bf16 every GN
-    would return float32, the in-place ReLU after it would keep that float32 tensor for backward,
-    and the next conv would make a bf16 copy again: more activation memory than no AMP at all.
-    Here autocast is off and the affine parameters are cast to the input's dtype; the CUDA kernel
-    still accumulates mean and variance in float32. Without autocast, with float32 inputs, this is
-    exactly nn.GroupNorm.
-    """
-
-    def forward(self, x):
-        with autocast_off(x):
-            weight = self.weight.to(x.dtype) if self.affine else None
-            bias = self.bias.to(x.dtype) if self.affine else None
-            return TF.group_norm(x, self.num_groups, weight, bias, self.eps)
-
-
-def autocast_off(x):
-    """A context with autocast switched off on x's device (cuda, cpu, mps, xpu; a meta tensor uses cpu's)."""
-    return torch.autocast(x.device.type if x.device.type != "meta" else "cpu", enabled=False)
+# ---------------------------------------------------------------- Sec. 3.1: normalisation (the backbone: FoRNet)
 
 
 def norm_layer(C, kind="gn"):
-    """GroupNorm (Sec. 3.1: every BatchNorm replaced by GroupNorm), or BatchNorm for `norm="bn"`.
+    """Sec. 3.1: "we replace all Batch Normalization layers with Group Normalization". -> a norm over C channels.
 
-    Paper is silent on the number of groups: 32, the GroupNorm paper's default, and gcd(32, C)
-    where 32 does not divide C (the decoder's 48-wide F_low projection: 16 groups).
-    Deviation (opt-in): "bn" keeps BatchNorm, as the published model code does.
+    Paper is silent on the number of groups: 32, the GroupNorm paper's default, and gcd(32, C) where 32 does not
+    divide C (the decoder's 48-wide F_low projection: 16 groups). `GroupNorm` is nn.GroupNorm kept in its input's
+    dtype under mixed precision (Part II).
+    ≠ paper (opt-in): kind="bn" keeps BatchNorm, as the published model code does, for BatchNorm-trained weights.
     """
     if kind == "gn":
         return GroupNorm(math.gcd(32, C), C)
@@ -92,47 +69,16 @@ def conv_norm_act(c_in, c_out, kernel, *, dilation=1, norm="gn"):
     )
 
 
-def topk_masks(scores, ratios):
-    """M_i = TopK(S), Eq. (2), for every ratio r_i: the top k_i = max(1, round(r_i·h·w)) locations of each image.
-
-    scores (B, 1, h, w) -> one {0,1} mask (B, 1, h, w), float32, per ratio; one ranking serves all
-    ratios, so the masks are nested (M_0.1 ⊂ M_0.2 ⊂ ...). FoRNet ranks the selector logits φ(F),
-    as the published model code does: the order of S = σ(φ(F)), without the ties of float32 σ,
-    which rounds every logit above ≈ 17 to 1.0. Deviation: its torch.topk leaves the order of ties
-    unspecified; our sort is stable, so ties go to the first position. k counts every cell, also
-    a training crop's padding (`TrainTransform`), as in the published model code. Not
-    differentiable (see `straight_through`).
-    """
-    assert scores.dim() == 4 and scores.shape[1] == 1, f"scores must be (B, 1, h, w), got {tuple(scores.shape)}"
-    assert all(0.0 < r <= 1.0 for r in ratios), f"Top-K ratios must be in (0, 1], got {ratios}"
-    B, _, h, w = scores.shape
-    order = torch.argsort(scores.detach().float().reshape(B, h * w), dim=1, descending=True, stable=True)  # (B, h*w)
-    masks = []
-    for r in ratios:
-        M = torch.zeros(B, h * w, device=scores.device)  # (B, h*w)
-        M.scatter_(1, order[:, :max(1, round(r * h * w))], 1.0)
-        masks.append(M.view(B, 1, h, w))  # (B, 1, h, w)
-    return masks
-
-
-def straight_through(M, S):
-    """Not in the paper: the hard mask M in the forward pass, with the gradient it would have if it were S.
-
-    Returns M + S - sg(S) (sg = stop-gradient, `detach`): its value is exactly M, its gradient
-    flows into S. Paper is silent on whether L_CE and L_Dice reach the selector through Top-K;
-    the published model code does this, and so does FoRNet(straight_through=True), the default.
-    """
-    return M + (S - S.detach())
+# ---------------------------------------------------------------- Sec. 3.2: selective region focus, Eq. (1)-(3)
 
 
 class Selector(nn.Module):
-    """Importance map S = σ(φ(F)). Paper: Sec. 3.2, Eq. (1).
+    """The selector network φ of S = σ(φ(F)). Paper: Sec. 3.2, Eq. (1).
 
-    F (B, C, h, w) -> φ(F) (B, 1, h, w), the selector *logits*, always float32.
-    Paper is silent on the layout of φ ("a lightweight convolutional block followed by a 1×1
-    projection"): we use 3×3 conv C -> C/2 + norm + ReLU, then a 1×1 conv to one channel,
-    as the published model code does. The 1×1 projection runs in float32 even under autocast, so
-    that Top-K does not rank half-precision values full of ties.
+    F (B, C, h, w) -> φ(F) (B, 1, h, w), the selector *logits*, float32; S = σ(φ(F)) is taken in `FoRNet`.
+    Paper is silent on the layout of φ ("a lightweight convolutional block followed by a 1×1 projection"): 3×3 conv
+    C -> C/2 + norm + ReLU, then a 1×1 conv to one channel, as the published model code; in float32 under mixed
+    precision (`autocast_off`), so that Top-K does not rank values full of ties.
     """
 
     def __init__(self, C, *, norm="gn"):
@@ -146,12 +92,45 @@ class Selector(nn.Module):
             return self.proj(x.float())  # (B, 1, h, w)   φ(F)
 
 
+def topk_masks(scores, ratios):
+    """M_i = TopK(S), Eq. (2): for each ratio r_i, the {0,1} mask of the K_i = max(1, round(r_i·h·w)) top locations.
+
+    scores (B, 1, h, w) -> one mask (B, 1, h, w), float32, per ratio, each image ranked on its own.
+    Paper is silent on what K_i counts: every cell, also a training crop's padding (`TrainTransform`), as the
+    published model code: the crop of an image scaled by less than 0.75 (768/1024) is partly padding, so training
+    keeps a different share of the real cells than inference does. Paper is silent on the ranking: FoRNet ranks the
+    logits φ(F), the order of S without the ties of float32 σ (1.0 for every logit above ≈ 17), and rounds with
+    Python's round(), as the published model code. One ranking serves all ratios: the masks are nested (that of 0.1
+    inside that of 0.2, ...). Not differentiable: see `FoRNet`'s straight_through.
+    ≠ published code: ties go to the first position (a stable sort); its torch.topk leaves their order unspecified.
+    """
+    assert scores.dim() == 4 and scores.shape[1] == 1, f"scores must be (B, 1, h, w), got {tuple(scores.shape)}"
+    assert all(0.0 < r <= 1.0 for r in ratios), f"Top-K ratios must be in (0, 1], got {ratios}"
+    B, _, h, w = scores.shape
+    order = torch.argsort(scores.detach().float().reshape(B, h * w), dim=1, descending=True, stable=True)  # (B, h*w)
+    masks = []
+    for r in ratios:
+        M = torch.zeros(B, h * w, device=scores.device)  # (B, h*w)
+        M.scatter_(1, order[:, :max(1, round(r * h * w))], 1.0)
+        masks.append(M.view(B, 1, h, w))  # (B, 1, h, w)
+    return masks
+
+
+def select(F, M):
+    """F_sel = F ⊙ M, Eq. (3): the features F (B, C, h, w) where the mask M (B, 1, h, w) is 1, zero elsewhere.
+    Eq. (6) applies it to F_ctx, the features with global context."""
+    return F * M.to(F.dtype)  # Eq. (3): F_sel = F ⊙ M, M broadcast over the C channels
+
+
+# ---------------------------------------------------------------- Sec. 3.3: global context, Eq. (4)-(5)
+
+
 class GlobalContext(nn.Module):
     """F_ctx = F + ψ(GAP(F)). Paper: Sec. 3.3, Eq. (4)-(5).
 
     F (B, C, h, w) -> F_ctx (B, C, h, w).
-    Paper is silent on ψ ("a projection layer"): a two-layer 1×1 bottleneck C -> C/4 -> C with
-    ReLU, as in the published model code.
+    Paper is silent on ψ ("a projection layer"): a two-layer 1×1 bottleneck C -> C/4 -> C with ReLU, as the
+    published model code.
     """
 
     def __init__(self, C, *, reduction=4):
@@ -164,13 +143,38 @@ class GlobalContext(nn.Module):
         return F + g  # Eq. (5): F_ctx = F + g, g broadcast over h×w
 
 
+# ---------------------------------------------------------------- Sec. 3.4: multi-scale reasoning, Eq. (6)-(7)
+
+
+class Branches(nn.ModuleList):
+    """The four branches C_i and their sum. Paper: Sec. 3.4, Eq. (6)-(7).
+
+    (F, F_ctx (B, C, h, w), masks [(B, 1, h, w)] × 4) -> F_agg (B, C, h, w).
+    C_i: a k_i×k_i convolution, k_i = 1, 3, 5, 7 (Sec. 3.4); the 7×7 one dilated (Sec. 4.5: 16 is the best).
+    Paper is silent on what follows the convolution: norm + ReLU, as the published model code.
+    """
+
+    def __init__(self, C, *, kernels=(1, 3, 5, 7), dilation=16, norm="gn"):
+        super().__init__(conv_norm_act(C, C, k_i, dilation=dilation if k_i == 7 else 1, norm=norm) for k_i in kernels)
+
+    def forward(self, F, F_ctx, masks):
+        F_agg = F
+        for C_i, M_i in zip(self, masks):
+            F_i = C_i(select(F_ctx, M_i))  # (B, C, h, w)   Eq. (6): F_i = C_i(F_ctx ⊙ M_i)
+            F_agg = F_agg + F_i  # Eq. (7): F_agg = F + Σ_i F_i
+        return F_agg
+
+
+# ---------------------------------------------------------------- Sec. 3.5: decoder, Eq. (8)
+
+
 class Decoder(nn.Module):
     """Y = D(F_agg, F_low). Paper: Sec. 3.5, Eq. (8).
 
-    F_agg (B, C, h, w), F_low (B, 256, H4, W4) -> logits (B, N, H4, W4).
-    Paper is silent on the layout ("a lightweight decoder consisting of convolutional layers"):
-    DeepLabV3+-style, as in the published model code: F_low projected to 48 channels, concatenated with
-    F_agg upsampled to stride 4, two 3×3 conv blocks, a 1×1 classifier.
+    F_agg (B, C, h, w), F_low (B, 256, H4, W4) -> logits Y (B, N, H4, W4).
+    Paper is silent on the layout ("a lightweight decoder consisting of convolutional layers"): DeepLabV3+-style, as
+    the published model code: F_low projected to 48 channels, concatenated with F_agg upsampled to stride 4, two 3×3
+    conv blocks, a 1×1 classifier.
     """
 
     def __init__(self, C, low_channels, num_classes, *, low_proj=48, norm="gn"):
@@ -180,32 +184,35 @@ class Decoder(nn.Module):
         self.classifier = nn.Conv2d(C, num_classes, 1)
 
     def forward(self, F_agg, F_low):
-        F_low = self.low(F_low)  # (B, 48, H4, W4)
-        F_up = TF.interpolate(F_agg, size=F_low.shape[-2:], mode="bilinear", align_corners=False)  # (B, C, H4, W4)
-        x = self.fuse(torch.cat([F_up, F_low], dim=1))  # (B, C, H4, W4)
+        low = self.low(F_low)  # (B, 48, H4, W4)
+        F_up = TF.interpolate(F_agg, size=low.shape[-2:], mode="bilinear", align_corners=False)  # (B, C, H4, W4)
+        x = self.fuse(torch.cat([F_up, low], dim=1))  # (B, C, H4, W4)
         return self.classifier(x)  # (B, N, H4, W4)
+
+
+# ---------------------------------------------------------------- the model: Sec. 3.1-3.5, Fig. 1
 
 
 class FoRNet(nn.Module):
     """FoR-Net: ResNet (output stride 8) + selector-driven Top-K multi-scale reasoning + decoder.
 
     Paper: Sec. 3.1-3.5, Eq. (1)-(8), Fig. 1.
-    x (B, 3, H, W), ImageNet-normalised -> (logits (B, N, H, W), sel (B, 1, h, w)),
-    where sel = φ(F) are the selector logits and S = sel.sigmoid(). Any H, W work; h = ceil(H/8).
+    x (B, 3, H, W), `normalize`d -> (logits (B, N, H, W), φ(F) (B, 1, h, w)), the selector logits: S = σ(φ(F)).
+    Any H, W work; h = ceil(H/8).
 
     Arguments (keyword-only):
       num_classes  N, 19 for Cityscapes.
-      backbone     "resnet101" (the paper) or "resnet50" (small/CPU runs).
-      norm         "gn" (the paper, `norm_layer`) or "bn" (Deviation, opt-in: for BatchNorm weights).
-      pretrained   None (nothing is downloaded), "imagenet", "torchvision" or a path: `load_backbone`.
-      channels     C, the width of F. Paper is silent; 256 as in the published model code.
-      ratios       Top-K ratio r_i of each branch, Eq. (6). Paper is silent; (0.1, 0.2, 0.3, 0.4) as
-                   in the published model code. (1, 1, 1, 1) keeps every location: no selection.
+      backbone     "resnet101" (Sec. 3.1) or "resnet50" (small / CPU runs).
+      norm         "gn" (Sec. 3.1, `norm_layer`) or "bn" (≠ paper, opt-in: for BatchNorm weights).
+      pretrained   None (nothing is downloaded), "imagenet", "torchvision" or a path: `load_backbone` (Part II).
+      channels     C, the width of F. Paper is silent; 256, as the published model code.
+      ratios       Top-K ratio r_i of each branch's mask M_i, Eq. (2), (6). Paper is silent; (0.1, 0.2, 0.3, 0.4), as
+                   the published model code. (1, 1, 1, 1) keeps every location: no selection.
       kernels      kernel size k_i of each branch C_i, Eq. (6): 1, 3, 5, 7 (Sec. 3.4).
-      dilation     dilation of the 7×7 branch; 16 is the paper's best (Sec. 4.5, Table 2:
-                   1 = "no dilation", 2, 4, 8, 16).
-      straight_through  True (default, as the published model code): L_CE and L_Dice reach φ
-                   through the hard masks (`straight_through`); False: only L_sel trains φ.
+      dilation     dilation of the 7×7 branch: 16, the paper's best (Sec. 4.5's "0 (no dilation)" is 1 here).
+      straight_through  Paper is silent on whether L_CE and L_Dice reach φ through the hard masks. True, as the
+                   published model code: M_i + S - sg(S) (sg: stop-gradient), M_i in value, its gradient into S, at
+                   every ratio (1 too: ratios=(1, 1, 1, 1) removes the selection alone). False: only L_sel trains φ.
     """
 
     def __init__(self, *, num_classes=19, backbone="resnet101", norm="gn", pretrained=None, channels=256,
@@ -221,40 +228,237 @@ class FoRNet(nn.Module):
         self.backbone = resnet
         if pretrained is not None:
             load_backbone(self.backbone, pretrained, backbone)
-
-        # Paper is silent on the width of F: a 1×1 conv reduces layer4's 2048 channels to C.
+        # Paper is silent on the width of F: a 1×1 conv, layer4's 2048 channels to C, as the published model code.
         self.reduce = conv_norm_act(2048, channels, 1, norm=norm)
         self.selector = Selector(channels, norm=norm)
         self.context = GlobalContext(channels)
-        # C_i of Eq. (6). Paper is silent on what follows the convolution: norm + ReLU, as in the published model code.
-        self.branches = nn.ModuleList(
-            conv_norm_act(channels, channels, k, dilation=dilation if k == 7 else 1, norm=norm) for k in kernels)
+        self.branches = Branches(channels, kernels=kernels, dilation=dilation, norm=norm)
         self.decoder = Decoder(channels, 256, num_classes, norm=norm)
 
     def forward(self, x):
         assert x.dim() == 4 and x.shape[1] == 3, f"expected images (B, 3, H, W), got {tuple(x.shape)}"
-        r = self.backbone
-        x0 = r.maxpool(r.relu(r.bn1(r.conv1(x))))  # (B, 64, H4, W4)
-        F_low = r.layer1(x0)  # (B, 256, H4, W4)
-        F = self.reduce(r.layer4(r.layer3(r.layer2(F_low))))  # (B, C, h, w)
+        net = self.backbone  # torchvision's ResNet: its `bn` layers are the GroupNorms of `norm_layer`
+        # Paper is silent on which "earlier layers" give F_low: layer1 (stride 4), as the published model code.
+        F_low = net.layer1(net.maxpool(net.relu(net.bn1(net.conv1(x)))))  # (B, 256, H4, W4)
+        F = self.reduce(net.layer4(net.layer3(net.layer2(F_low))))  # (B, C, h, w)
 
-        sel = self.selector(F)  # (B, 1, h, w)   φ(F), float32
-        S = sel.sigmoid()  # Eq. (1): S = σ(φ(F))
+        phi = self.selector(F)  # (B, 1, h, w)   φ(F), float32
+        S = phi.sigmoid()  # Eq. (1): S = σ(φ(F))
+        M = topk_masks(phi, self.ratios)  # [(B, 1, h, w)] × 4   Eq. (2): M_i = TopK(S), ranked on φ(F)
+        if self.straight_through:
+            M = [M_i + (S - S.detach()) for M_i in M]  # Paper is silent: value M_i, gradient into S (see above)
         F_ctx = self.context(F)  # Eq. (4)-(5): F_ctx = F + ψ(GAP(F))
-        F_agg = F
-        # Eq. (3) masks F (F_sel = F ⊙ M); Eq. (6) applies the same masking to F_ctx, the features with
-        # global context, and that product is the only one computed: F_ctx ⊙ M_i is Eq. (3) for F_ctx.
-        for ratio, M_i, C_i in zip(self.ratios, topk_masks(sel, self.ratios), self.branches):  # Eq. (2), on φ(F)
-            if self.straight_through and ratio < 1:
-                M_i = straight_through(M_i, S)  # not in the paper: value M_i, gradient into S
-            F_i = C_i(F_ctx * M_i.to(F_ctx.dtype))  # (B, C, h, w)   Eq. (6): F_i = C_i(F_ctx ⊙ M_i), ⊙: Eq. (3)
-            F_agg = F_agg + F_i  # Eq. (7): F_agg = F + Σ_i F_i
-
-        Y = self.decoder(F_agg, F_low)  # (B, N, H4, W4)   Eq. (8)
-        # Paper is silent on how Y reaches the input size: bilinear, in float32, as in the published model code.
+        F_agg = self.branches(F, F_ctx, M)  # Eq. (6)-(7): F_agg = F + Σ_i C_i(F_ctx ⊙ M_i), ⊙ of Eq. (3)
+        Y = self.decoder(F_agg, F_low)  # (B, N, H4, W4)   Eq. (8): Y = D(F_agg, F_low)
+        # Paper is silent on how Y reaches the input size: bilinear, in float32, as the published model code.
         logits = TF.interpolate(Y.float(), size=x.shape[-2:], mode="bilinear", align_corners=False)  # (B, N, H, W)
-        return logits, sel
+        return logits, phi
 
+
+# ---------------------------------------------------------------- Sec. 3.6: auxiliary supervision, Eq. (9)-(10)
+
+
+def boundary_map(target, size, *, band=2, ignore_index=IGNORE):
+    """The boundary map B of L_sel = BCE(S, B), Eq. (9), built from ground-truth trainIds.
+
+    target (B, H, W) -> (B_map (B, 1, h, w) in [0, 1], cells (B, 1, h, w) in {0, 1}), float32, at `size` = (h, w).
+    Paper is silent on B beyond "a boundary map constructed from ground truth labels"; as the published model code:
+    a pixel is a boundary pixel when a different *valid* label lies in its 3×3 neighbourhood (void is no object). A
+    cell holding one gets B = 1, a cell d ≤ `band` cells away (Chebyshev) 0.5^d: cells near an edge rank above the
+    rest, as masks keeping 10-40 % of the cells need. `cells`: those holding a labelled pixel, over which L_sel
+    averages (B is 0 elsewhere). With size = (H, W) and band = 0, B_map is the boundary pixels (`gt_boundary`).
+    """
+    valid = (target != ignore_index).unsqueeze(1)  # (B, 1, H, W)
+    t = target.unsqueeze(1).float()  # (B, 1, H, W)
+    above = float(ignore_index) + 1.0  # above every label: ignored pixels never win the min-pool below
+    nb_max = TF.max_pool2d(torch.where(valid, t, -1.0), 3, stride=1, padding=1)  # (B, 1, H, W) largest valid label
+    nb_min = -TF.max_pool2d(torch.where(valid, -t, -above), 3, stride=1, padding=1)  # (B, 1, H, W) smallest valid one
+    edge = (valid & (nb_max != nb_min)).float()  # (B, 1, H, W)
+    near = TF.adaptive_max_pool2d(edge, size)  # (B, 1, h, w) 1 on boundary cells
+    B_map = near
+    for d in range(1, band + 1):
+        near = TF.max_pool2d(near, 3, stride=1, padding=1)  # (B, 1, h, w) within d cells of a boundary cell
+        B_map = torch.maximum(B_map, 0.5**d * near)
+    cells = TF.adaptive_max_pool2d(valid.float(), size)  # (B, 1, h, w)
+    return B_map * cells, cells
+
+
+class FoRNetLoss(nn.Module):
+    """L = L_CE + λ1·L_Dice + λ2·L_sel. Paper: Sec. 3.6, Eq. (9)-(10). Paper is silent on λ1, λ2: 1.0 and 0.5, as the
+    published model code.
+
+    (logits (B, N, H, W), φ(F) (B, 1, h, w), target (B, H, W) trainIds) -> (L, {"ce", "dice", "sel"}), float32, the
+    terms detached for logging. Each term is a ratio of sums over the labelled pixels (cells for L_sel), written term
+    by term below. Paper is silent on several GPUs: the sums are added over all of them (`all_ranks_sum`) before the
+    ratios, so that GPUs sharing a batch optimise exactly what one GPU with the whole batch does. No wait for the GPU.
+    ≠ published code: a batch with no labelled pixel gives 0 (where the published code's L_Dice is 1).
+    """
+
+    def __init__(self, *, num_classes=19, lambda_dice=1.0, lambda_sel=0.5, ignore_index=IGNORE):
+        super().__init__()
+        self.num_classes, self.ignore_index = num_classes, ignore_index
+        self.lambda_dice, self.lambda_sel = lambda_dice, lambda_sel
+
+    def forward(self, logits, phi, target):
+        assert logits.shape[0] == target.shape[0] and logits.shape[-2:] == target.shape[-2:], \
+            f"logits {tuple(logits.shape)} and target {tuple(target.shape)} disagree"
+        N = self.num_classes
+        logits, phi, target = logits.float(), phi.float(), target.long()
+        V = target != self.ignore_index  # (B, H, W) the labelled pixels
+        t = target.masked_fill(~V, 0)  # (B, H, W) each pixel's label (class 0 where ignored, then weighted 0)
+        log_P = logits.log_softmax(1)  # (B, N, H, W) log class probabilities
+        log_P_t = log_P.gather(1, t.unsqueeze(1)).squeeze(1) * V  # (B, H, W) log P of the pixel's label; 0 if ignored
+
+        # L_CE = −(1/|V|)·Σ_{p∈V} log P_t(p), P_t(p) the probability of pixel p's label. Paper is silent on void: the
+        # mean over the labelled pixels V (trainId 255 left out), as the published model code.
+        ce_sum, n_V = -log_P_t.sum(), V.sum().float()  # (), ()
+
+        # L_Dice = the mean over the classes c in the target of 1 − (2·Σ_V P_c·T_c + 1) / (Σ_V P_c + Σ_V T_c + 1), T the
+        # one-hot target. Paper is silent on the variant: soft, per class over the batch, smoothing 1, the mean over the
+        # classes present, as the published model code. T is never built: Σ P_c·T_c adds up P_t per label, Σ T_c
+        # counts the labels.
+        per_class = lambda x: x.new_zeros(N).index_add(0, t.flatten(), x.flatten())  # noqa: E731  (N,) Σ by label
+        inter = per_class(log_P_t.exp() * V)  # (N,) Σ P_c·T_c
+        p_sum = torch.einsum("bnhw,bhw->n", log_P.exp(), V.float())  # (N,) Σ P_c
+        t_sum = per_class(V.float())  # (N,) Σ T_c
+
+        # L_sel = the mean of BCE(S, B) over the cells holding a labelled pixel (Paper is silent; as the published model
+        # code); computed on the logits φ(F), where BCE of σ(φ) is one numerically safe step.
+        B_map, cells = boundary_map(target, phi.shape[-2:], ignore_index=self.ignore_index)  # (B, 1, h, w) each
+        bce = TF.binary_cross_entropy_with_logits(phi, B_map, reduction="none")  # (B, 1, h, w)   Eq. (9): BCE(S, B)
+        sel_sum, n_cells = (bce * cells).sum(), cells.sum()  # (), ()
+
+        # The global batch: every sum above added over all GPUs in one step (on one GPU: unchanged), then the ratios.
+        sums = all_ranks_sum(ce_sum, n_V, inter, p_sum, t_sum, sel_sum, n_cells)
+        ce_sum, n_V, inter, p_sum, t_sum, sel_sum, n_cells = sums
+        L_ce = ce_sum / n_V.clamp(min=1)
+        present = (t_sum > 0).float()  # (N,)
+        L_dice = ((1 - (2 * inter + 1) / (p_sum + t_sum + 1)) * present).sum() / present.sum().clamp(min=1)
+        L_sel = sel_sum / n_cells.clamp(min=1)
+        total = L_ce + self.lambda_dice * L_dice + self.lambda_sel * L_sel  # Eq. (10)
+        return total, {"ce": L_ce.detach(), "dice": L_dice.detach(), "sel": L_sel.detach()}
+
+
+# ---------------------------------------------------------------- Sec. 4.1: input and augmentation
+
+MEAN, STD = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])  # ImageNet, RGB
+
+
+def normalize(image):
+    """The network's input: RGB (..., 3, H, W), uint8 or float in [0, 1] -> float32 with ImageNet mean/std. Paper is
+    silent on it: the statistics the backbone's weights expect (`load_backbone`). Python scalars: no host copy."""
+    x = image.float() / 255 if image.dtype == torch.uint8 else image.float().clone()
+    for c, (mean, std) in enumerate(zip(MEAN.tolist(), STD.tolist())):
+        x[..., c, :, :].sub_(mean).div_(std)
+    return x
+
+
+class TrainTransform:
+    """Training augmentation, Sec. 4.1: random scale s, a crop×crop crop (768), horizontal flip.
+
+    image (3, H, W) uint8, target (H, W) -> (3, crop, crop), (crop, crop), dtypes kept.
+    Paper is silent on the scale range: 0.5-2.0, the common practice; on the rest: s, the crop's position and the flip
+    (probability 0.5) drawn uniformly; a scaled image smaller than the crop padded at its bottom and right, image with
+    the ImageNet mean, target 255. Only the window's source is resized (image bilinear, antialiased; label
+    nearest-exact): scaling the whole image, up to rounding at the window's edges, at a cost that does not grow with s².
+    """
+
+    def __init__(self, crop=768, scale=(0.5, 2.0)):
+        self.crop, self.scale = crop, scale
+
+    def __call__(self, image, target):
+        s = torch.empty(()).uniform_(*self.scale).item()
+        H, W = target.shape
+        size = [min(self.crop, round(L * s)) for L in (H, W)]  # the window once scaled: crop², or the scaled image
+        win_h, win_w = [L if n < self.crop else min(L, round(self.crop / s)) for L, n in zip((H, W), size)]  # source
+        top = torch.randint(0, H - win_h + 1, ()).item()
+        left = torch.randint(0, W - win_w + 1, ()).item()
+        image = TVF.resize(image[:, top:top + win_h, left:left + win_w], size, antialias=True)  # (3, *size) bilinear
+        target = TVF.resize(target[None, top:top + win_h, left:left + win_w], size,
+                            TVF.InterpolationMode.NEAREST_EXACT)[0]  # (*size)
+        fill = MEAN if image.is_floating_point() else (MEAN * 255).round()
+        out = fill.to(image.dtype)[:, None, None].repeat(1, self.crop, self.crop)  # (3, crop, crop)
+        out[:, :size[0], :size[1]] = image
+        target = TF.pad(target, (0, self.crop - size[1], 0, self.crop - size[0]), value=IGNORE)  # (crop, crop)
+        if torch.rand(()) < 0.5:
+            out, target = out.flip(-1), target.flip(-1)
+        return out.contiguous(), target.contiguous()
+
+
+# ---------------------------------------------------------------- Sec. 4.2: the mIoU
+
+
+class ConfusionMatrix:
+    """One int64 confusion matrix over a whole split; rows = ground truth, columns = prediction. Sec. 4.2: mIoU.
+
+    IoU_c = TP / (TP + FP + FN); mIoU = the mean over the classes that occur (in ground truth or prediction; the
+    others are NaN and left out). Paper is silent on the averaging: as the official Cityscapes evaluation computes
+    it. Over several GPUs, `train.validate` sums `mat` over them (`all_ranks_sum`, on the GPU) before `compute`.
+    """
+
+    def __init__(self, num_classes=19, ignore_index=IGNORE):
+        self.num_classes, self.ignore_index = num_classes, ignore_index
+        self.mat = torch.zeros(num_classes, num_classes, dtype=torch.long)
+
+    def update(self, pred, target):
+        """pred, target: int tensors of the same shape (any); target's ignore_index is skipped."""
+        assert pred.shape == target.shape, f"prediction {tuple(pred.shape)} and target {tuple(target.shape)} differ"
+        keep = target != self.ignore_index
+        n = self.num_classes
+        idx = target[keep].long() * n + pred[keep].long()  # (P,)
+        self.mat += torch.bincount(idx, minlength=n * n).cpu().view(n, n)  # (N, N)
+
+    def compute(self):
+        """-> {"iou": (N,) float64 with NaN for absent classes, "miou", "acc"} (fractions)."""
+        m = self.mat.double()
+        tp = m.diag()  # (N,)
+        iou = tp / (m.sum(0) + m.sum(1) - tp)  # (N,)   0/0 = NaN for classes that never occur
+        return {"iou": iou, "miou": iou.nanmean().item(), "acc": (tp.sum() / m.sum().clamp(min=1)).item()}
+
+
+# ======================================================================================================================
+# Part II, what the paper leaves out: mixed precision, ImageNet weights, sums over GPUs, Cityscapes files, the
+# training order, a toy data set, hard-region metrics, checkpoints, devices and errors
+# ======================================================================================================================
+
+# ---------------------------------------------------------------- mixed precision
+
+
+class GroupNorm(nn.GroupNorm):
+    """nn.GroupNorm that keeps its input's dtype under autocast (`norm_layer`, Sec. 3.1); same parameters and names.
+
+    Why: CUDA autocast runs group_norm in float32 (CPU autocast does not), so under bf16 every GN would return float32,
+    the in-place ReLU after it would keep that float32 tensor for backward, and the next conv would make a bf16 copy
+    again: more activation memory than no AMP at all. Here autocast is off and the affine parameters are cast to the
+    input's dtype; the CUDA kernel still accumulates mean and variance in float32. Without autocast, with float32
+    inputs, this is exactly nn.GroupNorm.
+    """
+
+    def forward(self, x):
+        with autocast_off(x):
+            weight = self.weight.to(x.dtype) if self.affine else None
+            bias = self.bias.to(x.dtype) if self.affine else None
+            return TF.group_norm(x, self.num_groups, weight, bias, self.eps)
+
+
+def autocast_off(x):
+    """A context with autocast switched off on x's device (cuda, cpu, mps, xpu; a meta tensor uses cpu's)."""
+    return torch.autocast(x.device.type if x.device.type != "meta" else "cpu", enabled=False)
+
+
+def resolve_amp(amp, device):
+    """--amp -> (name, autocast dtype or None).
+
+    "auto": bf16 on GPUs of compute capability ≥ 8.0 (Ampere and newer, where bf16 runs natively),
+    fp16 with loss scaling on older GPUs (V100, T4: `torch.cuda.is_bf16_supported()` says True
+    there too, counting emulation), off on a CPU. Paper is silent on mixed precision: our choice.
+    """
+    if amp == "auto":
+        amp = "off" if device.type != "cuda" else "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"
+    return amp, {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
+
+
+# ---------------------------------------------------------------- ImageNet weights for the backbone
 
 # GroupNorm-trained ImageNet ResNets: the GroupNorm authors' (Detectron's R-50-GN, R-101-GN; ImageNet top-1 76.0 and
 # 77.4 %), as OpenMMLab publishes them. The 8 hex digits are the start of the file's SHA-256, checked on download.
@@ -328,46 +532,22 @@ def load_backbone(resnet, pretrained, arch):
                   "(see README, 'Initial weights')")
 
 
-# ======================================================================================
-# 2. Objective (Sec. 3.6)
-# ======================================================================================
+# ---------------------------------------------------------------- sums over all GPUs
 
 
-def boundary_map(target, size, *, band=2, ignore_index=IGNORE):
-    """Boundary map B for L_sel, Eq. (9), built from ground-truth trainIds.
+def all_ranks_sum(*tensors):
+    """The tensors, each summed over all processes when torch.distributed is initialised (else as they are), in one
+    all-reduce, differentiably -> a tuple, in the same order and shapes. Used for `FoRNetLoss`'s sums and for
+    `ConfusionMatrix.mat` (on the process's device: NCCL sums GPU tensors only).
 
-    target (B, H, W) -> (B_map (B, 1, h, w) in [0, 1], valid (B, 1, h, w) in {0, 1}), float32, at `size` = (h, w).
-    Paper is silent on B beyond "a boundary map constructed from ground truth labels"; as in the
-    published model code: a pixel is a boundary pixel when a different *valid* label lies in its
-    3×3 neighbourhood (not against ignore: void is no object); a cell that holds one gets B = 1, a
-    cell k ≤ `band` cells away (Chebyshev) 0.5^k, so that the target is graded over the 10-40 % of
-    cells the Top-K masks keep. `valid`: cells with a labelled pixel, over which L_sel averages.
-    With size = (H, W) and band = 0, B_map is the boundary pixels themselves (`gt_boundary`).
-    """
-    valid = (target != ignore_index).unsqueeze(1)  # (B, 1, H, W)
-    t = target.unsqueeze(1).float()  # (B, 1, H, W)
-    big = float(ignore_index) + 1.0
-    nb_max = TF.max_pool2d(torch.where(valid, t, -1.0), 3, stride=1, padding=1)  # (B, 1, H, W) largest valid label
-    nb_min = -TF.max_pool2d(torch.where(valid, -t, -big), 3, stride=1, padding=1)  # (B, 1, H, W) smallest valid label
-    edge = (valid & (nb_max != nb_min)).float()  # (B, 1, H, W)
-    B_map = near = TF.adaptive_max_pool2d(edge, size)  # (B, 1, h, w) 1 on boundary cells
-    for k in range(1, band + 1):
-        near = TF.max_pool2d(near, 3, stride=1, padding=1)  # (B, 1, h, w) within k cells of a boundary cell
-        B_map = torch.maximum(B_map, 0.5**k * near)
-    cell_valid = TF.adaptive_max_pool2d(valid.float(), size)  # (B, 1, h, w)
-    return B_map * cell_valid, cell_valid
-
-
-def all_ranks_sum(x):
-    """x summed over all processes when torch.distributed is initialised (else x), differentiably.
-
-    The backward pass sums the gradients over the ranks too: every rank's loss is a function of
-    every rank's sums. DDP then averages the parameter gradients over the w ranks, which cancels
-    the w copies of the loss: the result is the gradient of the one loss over the global batch.
+    The backward pass sums the gradients over the ranks too: every rank's loss is a function of every rank's sums.
+    DDP then averages the parameter gradients over the w ranks, which cancels the w copies of the loss: the result is
+    the gradient of the one loss over the global batch.
     """
     if not (dist.is_available() and dist.is_initialized()):
-        return x
-    return _AllRanksSum.apply(x)
+        return tensors
+    flat = _AllRanksSum.apply(torch.cat([t.reshape(-1) for t in tensors]))  # (Σ numel,)
+    return tuple(s.view_as(t) for s, t in zip(flat.split([t.numel() for t in tensors]), tensors))
 
 
 class _AllRanksSum(torch.autograd.Function):
@@ -384,66 +564,7 @@ class _AllRanksSum(torch.autograd.Function):
         return grad
 
 
-class FoRNetLoss(nn.Module):
-    """L = L_CE + λ1·L_Dice + λ2·L_sel. Paper: Sec. 3.6, Eq. (9)-(10).
-
-    loss_fn(logits (B, N, H, W), sel (B, 1, h, w), target (B, H, W) trainIds) -> (total, parts),
-    parts = {"ce", "dice", "sel"} (detached, for logging). Each term is a ratio of sums over the
-    labelled pixels (cells for L_sel), in float32, the sums added over all ranks first (`all_ranks_sum`):
-    w GPUs × b images optimise exactly what 1 GPU × w·b images does. Deviation: a batch with no
-    labelled pixel gives 0 (the published model code's L_Dice is 1 there).
-    Paper is silent on λ1, λ2: 1.0 and 0.5, as in the published model code.
-    """
-
-    def __init__(self, *, num_classes=19, lambda_dice=1.0, lambda_sel=0.5, ignore_index=IGNORE):
-        super().__init__()
-        self.num_classes, self.ignore_index = num_classes, ignore_index
-        self.lambda_dice, self.lambda_sel = lambda_dice, lambda_sel
-
-    def forward(self, logits, sel, target):
-        assert logits.shape[0] == target.shape[0] and logits.shape[-2:] == target.shape[-2:], \
-            f"logits {tuple(logits.shape)} and target {tuple(target.shape)} disagree"
-        N = self.num_classes
-        logits, sel, target = logits.float(), sel.float(), target.long()
-        valid = target != self.ignore_index  # (B, H, W)
-        index = target.masked_fill(~valid, 0)  # (B, H, W) the label (class 0 where ignored, then weighted 0)
-        log_P = logits.log_softmax(1)  # (B, N, H, W) log class probabilities
-        log_P_t = log_P.gather(1, index.unsqueeze(1)).squeeze(1) * valid  # (B, H, W) log P of the label; 0 if ignored
-
-        # L_CE: Σ -log P_t over labelled pixels / their count (an all-ignore batch gives 0, not NaN).
-        ce_sum = -log_P_t.sum()  # ()
-
-        # L_Dice: soft Dice per class over the batch's labelled pixels, Dice_c =
-        # (2·Σ P_c·T_c + 1) / (Σ P_c + Σ T_c + 1) with T the one-hot target, never built: Σ P_c·T_c
-        # adds up P_t per label, Σ T_c counts labels. Paper is silent on the variant; smoothing 1,
-        # 1 - Dice averaged over the classes present in the target, as in the published model code.
-        # (Masks multiply rather than index, so no step waits for the GPU to count pixels.)
-        by_label = lambda x: torch.zeros(N, device=x.device).index_add(0, index.flatten(), x.flatten())  # noqa: E731
-        inter = by_label(log_P_t.exp() * valid)  # (N,) Σ P_c·T_c
-        p_sum = torch.einsum("bnhw,bhw->n", log_P.exp(), valid.float())  # (N,) Σ P_c over labelled pixels
-        t_sum = by_label(valid.float())  # (N,) Σ T_c
-
-        # L_sel on logits (numerically safe under AMP), over labelled cells only.
-        B_map, cell_valid = boundary_map(target, sel.shape[-2:], ignore_index=self.ignore_index)  # (B, 1, h, w) each
-        bce = TF.binary_cross_entropy_with_logits(sel, B_map, reduction="none")  # (B, 1, h, w)   Eq. (9): BCE(S, B)
-        sel_sum = (bce * cell_valid).sum()  # ()
-
-        counts = torch.stack([ce_sum, valid.sum().float(), sel_sum, cell_valid.sum()])  # (4,)
-        sums = all_ranks_sum(torch.cat([counts, inter, p_sum, t_sum]))  # (4 + 3N,) over the global batch
-        (ce_sum, n_valid, sel_sum, n_cells), (inter, p_sum, t_sum) = sums[:4], sums[4:].view(3, N)  # () ×4, (N,) ×3
-        L_ce = ce_sum / n_valid.clamp(min=1)
-        dice = (2 * inter + 1) / (p_sum + t_sum + 1)  # (N,)
-        present = (t_sum > 0).float()  # (N,)
-        L_dice = ((1 - dice) * present).sum() / present.sum().clamp(min=1)  # ()
-        L_sel = sel_sum / n_cells.clamp(min=1)
-
-        total = L_ce + self.lambda_dice * L_dice + self.lambda_sel * L_sel  # Eq. (10)
-        return total, {"ce": L_ce.detach(), "dice": L_dice.detach(), "sel": L_sel.detach()}
-
-
-# ======================================================================================
-# 3. Data: Cityscapes (Sec. 4.1)
-# ======================================================================================
+# ---------------------------------------------------------------- Cityscapes files and id tables
 
 # The 19 evaluated classes in trainId order, and their official colours.
 CLASSES = ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
@@ -465,12 +586,6 @@ TRAIN_ID_LUT[:19] = torch.arange(19)
 TRAIN_ID_LUT[IGNORE] = IGNORE
 LABEL_ID_LUT = torch.zeros(256, dtype=torch.long)  # trainId -> labelId; 255 (and anything else) -> 0 "unlabeled"
 LABEL_ID_LUT[:19] = torch.tensor(TRAIN_ID_TO_ID)
-MEAN, STD = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])  # ImageNet, RGB
-
-
-class DataError(Exception):
-    """A user's input that cannot be used: data set (missing, unpaired, corrupt, mislabelled), image,
-    weights, checkpoint or flag. The scripts print its message as one line and exit non-zero (`run_script`)."""
 
 
 def to_train_ids(label_ids):
@@ -484,8 +599,8 @@ def to_label_ids(train_ids):
 
 
 def read_image(path, mode=None):
-    """An image file as a uint8 tensor, (H, W, 3) or (H, W), converted to the PIL `mode` (e.g. "RGB")
-    if one is given; DataError naming the file if it cannot be read as an image."""
+    """An image file as a uint8 tensor, (H, W, 3) or (H, W), converted to the PIL `mode` (e.g. "RGB") if one is given;
+    DataError naming the file if it cannot be read as an image."""
     try:
         with Image.open(path) as im:
             im = ImageOps.exif_transpose(im)  # photos stored rotated, with an EXIF orientation tag
@@ -497,12 +612,10 @@ def read_image(path, mode=None):
 class Cityscapes(torch.utils.data.Dataset):
     """Cityscapes fine annotations in the official layout.
 
-    root/leftImg8bit/{split}/{city}/*_leftImg8bit.png paired with
-    root/gtFine/{split}/{city}/*_gtFine_labelTrainIds.png when present (cityscapesScripts'
-    createTrainIdLabelImgs), else *_gtFine_labelIds.png mapped with `to_train_ids`.
-    ds[i] -> transform(image (3, H, W) uint8 RGB, target (H, W) uint8 trainIds), at full
-    resolution when transform is None. Pairs are sorted by image path. Images stay uint8 (a
-    quarter of float32) until `normalize` runs on the device.
+    root/leftImg8bit/{split}/{city}/*_leftImg8bit.png paired with root/gtFine/{split}/{city}/*_gtFine_labelTrainIds.png
+    when present (cityscapesScripts' createTrainIdLabelImgs), else *_gtFine_labelIds.png mapped with `to_train_ids`.
+    ds[i] -> transform(image (3, H, W) uint8 RGB, target (H, W) uint8 trainIds), at full resolution when transform is
+    None. Pairs are sorted by image path. Images stay uint8 (a quarter of float32) until `normalize` runs on the device.
     """
 
     def __init__(self, root, split="train", transform=None):
@@ -541,55 +654,16 @@ class Cityscapes(torch.utils.data.Dataset):
         return (image, target) if self.transform is None else self.transform(image, target)
 
 
-def normalize(image):
-    """The network's input: RGB (..., 3, H, W), uint8 or float in [0, 1] -> float32 with ImageNet mean/std.
-    Runs on the image's device with Python scalars (no host-to-GPU copy, so no wait for the GPU)."""
-    x = image.float() / 255 if image.dtype == torch.uint8 else image.float().clone()
-    for c, (mean, std) in enumerate(zip(MEAN.tolist(), STD.tolist())):
-        x[..., c, :, :].sub_(mean).div_(std)
-    return x
-
-
-class TrainTransform:
-    """Training augmentation (Sec. 4.1): random scale s, random crop, horizontal flip.
-
-    image (3, H, W) uint8, target (H, W) -> (3, crop, crop), (crop, crop), dtypes kept.
-    Equal to scaling the whole image by s and cutting a crop×crop window, but only the window's source
-    region is resized (image bilinear, antialiased; label nearest-exact), so the cost does not grow
-    with s². A scaled image smaller than the crop is padded: image with the ImageNet mean, target 255.
-    Paper is silent on the scale range: 0.5-2.0, the common practice.
-    """
-
-    def __init__(self, crop=768, scale=(0.5, 2.0)):
-        self.crop, self.scale = crop, scale
-
-    def __call__(self, image, target):
-        s = torch.empty(()).uniform_(*self.scale).item()
-        H, W = target.shape
-        size = [min(self.crop, round(L * s)) for L in (H, W)]  # the window once scaled: crop², or the scaled image
-        win_h, win_w = [L if n < self.crop else min(L, round(self.crop / s)) for L, n in zip((H, W), size)]  # source
-        top = torch.randint(0, H - win_h + 1, ()).item()
-        left = torch.randint(0, W - win_w + 1, ()).item()
-        image = TVF.resize(image[:, top:top + win_h, left:left + win_w], size, antialias=True)  # (3, *size) bilinear
-        target = TVF.resize(target[None, top:top + win_h, left:left + win_w], size,
-                            TVF.InterpolationMode.NEAREST_EXACT)[0]  # (*size)
-        fill = MEAN if image.is_floating_point() else (MEAN * 255).round()
-        out = fill.to(image.dtype)[:, None, None].repeat(1, self.crop, self.crop)  # (3, crop, crop)
-        out[:, :size[0], :size[1]] = image
-        target = TF.pad(target, (0, self.crop - size[1], 0, self.crop - size[0]), value=IGNORE)  # (crop, crop)
-        if torch.rand(()) < 0.5:
-            out, target = out.flip(-1), target.flip(-1)
-        return out.contiguous(), target.contiguous()
+# ---------------------------------------------------------------- the training order
 
 
 class Stream(torch.utils.data.Sampler):
     """The training order, endless, from iteration `start` on: yields (image index, augmentation seed).
 
-    Epoch e is a permutation drawn from (seed, e) with one augmentation seed per position, so a
-    resumed run sees exactly what the uninterrupted run would have. Iteration j of an epoch takes
-    positions j·B ... (j+1)·B - 1 (B the global batch; an epoch's last incomplete batch is dropped)
-    and rank r of `world` the positions ≡ r mod world among them: the same images, with the same
-    augmentation, whatever the number of GPUs.
+    Epoch e is a permutation drawn from (seed, e) with one augmentation seed per position, so a resumed run sees exactly
+    what the uninterrupted run would have. Iteration j of an epoch takes positions j·B ... (j+1)·B - 1 (B the global
+    batch; an epoch's last incomplete batch is dropped) and rank r of `world` the positions ≡ r mod world among them:
+    the same images, with the same augmentation, whatever the number of GPUs.
     """
 
     def __init__(self, n, batch, *, seed, start=0, rank=0, world=1):
@@ -619,13 +693,15 @@ class Seeded(torch.utils.data.Dataset):
             return self.dataset[i]
 
 
+# ---------------------------------------------------------------- a toy data set
+
+
 def make_toy_cityscapes(root, *, n_train=48, n_val=12, size=(128, 256), seed=0):
     """Write a small synthetic data set in the exact Cityscapes layout and labelIds.
 
-    Street-like scenes: sky, buildings, vegetation, sidewalk and road, crossed by thin poles
-    carrying traffic signs and lights, with cars and people: the paper's hard regions (thin
-    structures, sharp boundaries). Each class is drawn in its palette colour plus texture noise
-    and a per-image brightness change. Returns root. Deterministic in `seed`.
+    Street-like scenes: sky, buildings, vegetation, sidewalk and road, crossed by thin poles carrying traffic signs and
+    lights, with cars and people: the paper's hard regions (thin structures, sharp boundaries). Each class is drawn in
+    its palette colour plus texture noise and a per-image brightness change. Returns root. Deterministic in `seed`.
     """
     g = torch.Generator().manual_seed(seed)
 
@@ -667,43 +743,7 @@ def make_toy_cityscapes(root, *, n_train=48, n_val=12, size=(128, 256), seed=0):
     return root
 
 
-# ======================================================================================
-# 4. Metric: Cityscapes mIoU, and hard regions
-# ======================================================================================
-
-
-class ConfusionMatrix:
-    """One int64 confusion matrix over a whole split; rows = ground truth, columns = prediction.
-
-    IoU_c = TP / (TP + FP + FN); mIoU = mean over classes that occur (in ground truth or
-    prediction; others are NaN and left out), as the official Cityscapes evaluation computes it.
-    """
-
-    def __init__(self, num_classes=19, ignore_index=IGNORE):
-        self.num_classes, self.ignore_index = num_classes, ignore_index
-        self.mat = torch.zeros(num_classes, num_classes, dtype=torch.long)
-
-    def update(self, pred, target):
-        """pred, target: int tensors of the same shape (any); target's ignore_index is skipped."""
-        assert pred.shape == target.shape, f"prediction {tuple(pred.shape)} and target {tuple(target.shape)} differ"
-        keep = target != self.ignore_index
-        n = self.num_classes
-        idx = target[keep].long() * n + pred[keep].long()  # (P,)
-        self.mat += torch.bincount(idx, minlength=n * n).cpu().view(n, n)  # (N, N)
-
-    def reduce(self):
-        """Sum the matrices of all ranks (torch.distributed, when initialised)."""
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            mat = self.mat.cuda() if torch.distributed.get_backend() == "nccl" else self.mat  # NCCL needs GPU tensors
-            torch.distributed.all_reduce(mat)
-            self.mat = mat.cpu()
-
-    def compute(self):
-        """-> {"iou": (N,) float64 with NaN for absent classes, "miou", "acc"} (fractions)."""
-        m = self.mat.double()
-        tp = m.diag()  # (N,)
-        iou = tp / (m.sum(0) + m.sum(1) - tp)  # (N,)   0/0 = NaN for classes that never occur
-        return {"iou": iou, "miou": iou.nanmean().item(), "acc": (tp.sum() / m.sum().clamp(min=1)).item()}
+# ---------------------------------------------------------------- hard-region metrics
 
 
 def gt_boundary(target):
@@ -766,9 +806,72 @@ class HardRegions:
         return {"trimap": {d: cm.compute()["miou"] for d, cm in self.trimap.items()}, "bf": bf}
 
 
-# ======================================================================================
-# 5. Checkpoints, and what else the scripts share (errors, devices, mixed precision, memory)
-# ======================================================================================
+# ---------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(checkpoint, path):
+    """torch.save, atomically: written to <path>.tmp, flushed to the disk, then renamed, so that a kill at any moment
+    leaves the previous file intact. FloatingPointError, and nothing written, if checkpoint["model"] holds a non-finite
+    weight. Whatever stops the write (a full disk, a vanished folder, Ctrl-C) removes the temporary file and is raised
+    again."""
+    weights = [t for t in checkpoint.get("model", {}).values() if t.is_floating_point()]
+    if weights and not torch.stack([torch.isfinite(t).all() for t in weights]).all():
+        raise FloatingPointError(f"non-finite weights at iteration {checkpoint.get('iter')}: {path} not written")
+    tmp = Path(f"{path}.tmp")
+    try:
+        with open(tmp, "wb") as f:  # a file object: a failed write raises OSError (a path would give RuntimeError)
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path):
+    """A train.py checkpoint as a dict, or DataError saying why it cannot be used.
+
+    Both kinds hold "model" (the state dict), "config" (train.py's flags, with config["model"] = the FoRNet keyword
+    arguments, and the data path) and "iter". last.pt is the full training state for --resume (+ "optimizer", "scaler",
+    "best_miou"); best.pt holds what inference needs (+ "miou"), a third of last.pt's size since AdamW keeps two moments
+    per weight.
+    """
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise DataError(f"checkpoint {path} not found") from None
+    except Exception as e:  # torch.load's own messages are long and suggest unsafe loading
+        raise DataError(f"cannot load checkpoint {path}: not a PyTorch checkpoint ({type(e).__name__})") from None
+    missing = [k for k in ("model", "config", "iter") if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise DataError(f"{path} is not a train.py checkpoint (missing {', '.join(missing)})")
+    if not isinstance(ckpt["config"], dict) or not isinstance(ckpt["config"].get("model"), dict):
+        raise DataError(f"{path} has no config['model'] (the FoRNet arguments): not written by this train.py")
+    return ckpt
+
+
+def load_model(path):
+    """A trained FoR-Net from a checkpoint (best.pt or last.pt) -> (model in eval mode, config).
+
+        model, config = load_model("best.pt")
+        logits, phi = model(normalize(image)[None])  # image (3, H, W) uint8, e.g. read_image(p, "RGB").permute(2, 0, 1)
+    """
+    ckpt = load_checkpoint(path)
+    try:
+        model = FoRNet(**ckpt["config"]["model"])
+        model.load_state_dict(ckpt["model"])
+    except (TypeError, RuntimeError, ValueError, AssertionError) as e:
+        raise DataError(f"{path}: weights do not fit the model in its config: {first_line(e)}") from None
+    return model.eval(), ckpt["config"]
+
+
+# ---------------------------------------------------------------- devices and errors
+
+
+class DataError(Exception):
+    """A user's input that cannot be used: data set (missing, unpaired, corrupt, mislabelled), image, weights,
+    checkpoint or flag. The scripts print its message as one line and exit non-zero (`run_script`)."""
 
 
 def run_script(main, args):
@@ -797,18 +900,6 @@ def get_device(name):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DataError(f"--device {name}: no GPU visible (use --device cpu)")
     return device
-
-
-def resolve_amp(amp, device):
-    """--amp -> (name, autocast dtype or None).
-
-    "auto": bf16 on GPUs of compute capability ≥ 8.0 (Ampere and newer, where bf16 runs natively),
-    fp16 with loss scaling on older GPUs (V100, T4: `torch.cuda.is_bf16_supported()` says True
-    there too, counting emulation), off on a CPU. Paper is silent on mixed precision: our choice.
-    """
-    if amp == "auto":
-        amp = "off" if device.type != "cuda" else "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"
-    return amp, {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
 
 
 def peak_memory(device, reset=False):
@@ -840,52 +931,3 @@ def environment(device):
     name = re.search(r"model name\s*:\s*(.*)", info)
     isa = "AVX-512" if " avx512f" in info else "AVX2" if " avx2" in info else "no AVX2"
     return f"CPU {name[1] if name else '?'} ({isa}), {torch.get_num_threads()} threads | {versions}"
-
-
-def save_checkpoint(checkpoint, path):
-    """torch.save, atomically: write a temporary file, then rename it, so that a kill at any moment
-    leaves the previous file intact. FloatingPointError, and nothing written, if checkpoint["model"] holds a
-    non-finite weight."""
-    weights = [t for t in checkpoint.get("model", {}).values() if t.is_floating_point()]
-    if weights and not torch.stack([torch.isfinite(t).all() for t in weights]).all():
-        raise FloatingPointError(f"non-finite weights at iteration {checkpoint.get('iter')}: {path} not written")
-    tmp = Path(f"{path}.tmp")
-    torch.save(checkpoint, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path):
-    """A train.py checkpoint as a dict, or DataError saying why it cannot be used.
-
-    Both kinds hold "model" (the state dict), "config" (train.py's flags, with config["model"] =
-    the FoRNet keyword arguments, and the data path) and "iter". last.pt is the full training
-    state for --resume (+ "optimizer", "scaler", "best_miou"); best.pt holds what inference
-    needs (+ "miou"), a third of last.pt's size since AdamW keeps two moments per weight.
-    """
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise DataError(f"checkpoint {path} not found") from None
-    except Exception as e:  # torch.load's own messages are long and suggest unsafe loading
-        raise DataError(f"cannot load checkpoint {path}: not a PyTorch checkpoint ({type(e).__name__})") from None
-    missing = [k for k in ("model", "config", "iter") if not isinstance(ckpt, dict) or k not in ckpt]
-    if missing:
-        raise DataError(f"{path} is not a train.py checkpoint (missing {', '.join(missing)})")
-    if not isinstance(ckpt["config"], dict) or not isinstance(ckpt["config"].get("model"), dict):
-        raise DataError(f"{path} has no config['model'] (the FoRNet arguments): not written by this train.py")
-    return ckpt
-
-
-def load_model(path):
-    """A trained FoR-Net from a checkpoint (best.pt or last.pt) -> (model in eval mode, config).
-
-        model, config = load_model("best.pt")
-        logits, sel = model(normalize(image)[None])  # image (3, H, W) uint8, e.g. read_image(p, "RGB").permute(2, 0, 1)
-    """
-    ckpt = load_checkpoint(path)
-    try:
-        model = FoRNet(**ckpt["config"]["model"])
-        model.load_state_dict(ckpt["model"])
-    except (TypeError, RuntimeError, ValueError, AssertionError) as e:
-        raise DataError(f"{path}: weights do not fit the model in its config: {first_line(e)}") from None
-    return model.eval(), ckpt["config"]
