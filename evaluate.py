@@ -313,8 +313,11 @@ def own_images(models, names, args, device, amp_dtype):
              (sorted(f for f in p.iterdir() if f.suffix.lower() in (".png", ".jpg", ".jpeg")) if p.is_dir() else [p])]
     if not paths:
         raise DataError(f"no .png/.jpg/.jpeg images in {' '.join(args.images)}")
-    if len({p.stem for p in paths}) < len(paths):  # outputs are named by stem: one would overwrite another
-        raise DataError("two inputs share a file name (without extension): rename one or run them apart")
+    first = {}  # outputs are named by stem: one would overwrite another
+    for p in paths:
+        if first.setdefault(p.stem, p) != p:
+            raise DataError(f"{first[p.stem]} and {p} share a file name without extension, which names their "
+                            "outputs: rename one or run them apart")
     failed, t0 = [], time.time()
     for i, path in enumerate(paths):
         try:

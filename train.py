@@ -8,12 +8,15 @@
 Recipe (Sec. 3.1, 4.1): ResNet-101 with GroupNorm, AdamW lr 1e-4, batch 8, crop 768, 200 epochs, random
 scale / crop / flip, poly schedule, CE + Dice + selector loss; where the paper is silent, the flags' defaults
 (README, "Choices and deviations"). Writes log.jsonl (a JSON record per log line and validation), last.pt and
-best.pt into --out, never into an --out that holds another run. Costs: bench.py.
+best.pt into --out, never into an --out that holds another run; --tensorboard adds the curves. Ctrl-C or SIGTERM
+stops it after the step in flight, with last.pt written. Costs: bench.py.
 """
 import argparse
 import json
 import math
 import os
+import signal
+import sys
 import time
 from pathlib import Path
 
@@ -23,16 +26,18 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
 from fornet import (CLASSES, Cityscapes, ConfusionMatrix, DataError, FoRNet, FoRNetLoss, Seeded, Stream, TrainTransform,
-                    environment, first_line, get_device, load_checkpoint, make_toy_cityscapes, normalize, peak_memory,
-                    resolve_amp, run_script, save_checkpoint)
+                    all_ranks_sum, environment, first_line, get_device, load_checkpoint, make_toy_cityscapes, normalize,
+                    peak_memory, resolve_amp, run_script, save_checkpoint)
 
-MODEL, LOSS = FoRNet.__init__.__kwdefaults__, FoRNetLoss.__init__.__kwdefaults__  # the paper's values live there
+# The model's and the loss's defaults: the paper's values (Sec. 3-4), and where it is silent the published code's.
+MODEL, LOSS = FoRNet.__init__.__kwdefaults__, FoRNetLoss.__init__.__kwdefaults__
 # --toy changes these defaults (flags given on the command line still win): a ResNet-50 with a
 # narrow head on a generated 128×256 data set, small enough for a 2-core CPU in a few minutes.
 # From scratch, poles, signs, lights and people appear only after ~300 iterations at lr 2e-3: 400 leave a margin.
 TOY = dict(data="runs/toy/data", out="runs/toy", backbone="resnet50", pretrained="none", channels=64, crop=96,
            batch_size=4, iters=400, lr=2e-3, workers=0, log_every=50, val_every=0)
 VAL_PROGRESS = 100  # a progress line every this many validation images
+TB_TRAIN = ("loss", "ce", "dice", "sel", "lr", "img_s", "data_wait", "mem_gib")  # a log line's TensorBoard scalars
 RUN_FILES = ("last.pt", "best.pt", "log.jsonl")  # what a run writes into --out
 # fp16: GradScaler halves its scale at each skipped step; this many in a row (from its start at 2^16: below 2^-8)
 # mean the loss overflows at any scale. One overflow now and then, when the scale has grown, is routine.
@@ -46,7 +51,7 @@ def get_args(argv=None):
     g.add_argument("--toy", action="store_true", help="generate a synthetic Cityscapes-layout set, train a small model")
     g.add_argument("--crop", type=int, default=768, help="square training crop (Sec. 4.1: 768)")
     g.add_argument("--scale", type=float, nargs=2, default=[0.5, 2.0], metavar=("MIN", "MAX"),
-                   help="random scale range (paper is silent; 0.5 2.0, the common practice)")
+                   help="random scale range (Paper is silent: 0.5 2.0, the common practice)")
     g.add_argument("--workers", type=int, default=8, help="data-loading processes per GPU")
     g = p.add_argument_group("model")
     g.add_argument("--backbone", choices=("resnet101", "resnet50"), default="resnet101", help="Sec. 3.1: resnet101")
@@ -54,23 +59,29 @@ def get_args(argv=None):
                    help="imagenet (trained with --norm's layers: GroupNorm weights from OpenMMLab, BatchNorm ones "
                         "from torchvision; downloaded once) | torchvision (BatchNorm-trained, also into GroupNorm) | "
                         "none (from scratch) | PATH to a .pth trained on RGB input with ImageNet mean/std")
-    g.add_argument("--norm", choices=("gn", "bn"), default="gn", help="gn = the paper; bn = deviation for BN weights")
-    g.add_argument("--channels", type=int, default=MODEL["channels"], help="width C of the head")
+    g.add_argument("--norm", choices=("gn", "bn"), default="gn",
+                   help="gn: Sec. 3.1; bn: ≠ paper, as the published model code, for BatchNorm weights")
+    g.add_argument("--channels", type=int, default=MODEL["channels"],
+                   help="width C of F (Paper is silent: 256, as the published model code)")
     g.add_argument("--dilation", type=int, default=MODEL["dilation"], help="7×7 branch dilation (Sec. 4.5: 1-16)")
     g.add_argument("--ratios", type=float, nargs=4, default=list(MODEL["ratios"]), metavar="R",
-                   help="Top-K ratio of each branch; 1 1 1 1 switches selection off")
+                   help="Top-K ratio of each branch (Paper is silent: 0.1 0.2 0.3 0.4, as the published model code); "
+                        "1 1 1 1 keeps every location: no selection, the same gradient path")
     g.add_argument("--no-straight-through", dest="straight_through", action="store_false",
-                   help="M is a constant: only L_sel trains the selector")
+                   help="M a constant: only L_sel trains the selector (Paper is silent; by default L_CE and L_Dice "
+                        "reach it too, as the published model code)")
     g = p.add_argument_group("objective, Eq. (10)")
-    g.add_argument("--lambda-dice", type=float, default=LOSS["lambda_dice"], help="λ1; 0 removes L_Dice")
-    g.add_argument("--lambda-sel", type=float, default=LOSS["lambda_sel"], help="λ2; 0 removes L_sel")
+    g.add_argument("--lambda-dice", type=float, default=LOSS["lambda_dice"],
+                   help="λ1 (Paper is silent: 1.0, as the published model code); 0 removes L_Dice")
+    g.add_argument("--lambda-sel", type=float, default=LOSS["lambda_sel"],
+                   help="λ2 (Paper is silent: 0.5, as the published model code); 0 removes L_sel")
     g = p.add_argument_group("optimisation")
     g.add_argument("--iters", type=int, default=0, help="iterations; 0 = --epochs worth of them")
     g.add_argument("--epochs", type=int, default=200, help="used when --iters is 0 (Sec. 4.1: 200)")
     g.add_argument("--batch-size", type=int, default=8, help="total over all GPUs (Sec. 4.1: 8)")
     g.add_argument("--lr", type=float, default=1e-4, help="AdamW initial learning rate (Sec. 4.1: 1e-4)")
     g.add_argument("--weight-decay", type=float, default=1e-2,
-                   help="AdamW weight decay on conv weights (paper is silent; PyTorch's default 0.01)")
+                   help="AdamW weight decay on conv weights (Paper is silent: 0.01, PyTorch's default)")
     g.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto",
                    help="auto = bf16 on GPUs of compute capability ≥ 8.0, fp16 on older ones, off on CPU")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
@@ -80,16 +91,18 @@ def get_args(argv=None):
     g = p.add_argument_group("run")
     g.add_argument("--out", default="runs/fornet", help="directory for log.jsonl, last.pt and best.pt")
     g.add_argument("--val-every", type=int, default=2000,
-                   help="validate (and keep best.pt) every N iterations; 0 = only at the end")
+                   help="validate (and keep best.pt) every N iterations; 0 = only at the end (Paper is silent)")
     g.add_argument("--val-limit", type=int, default=0, help="validate on the first N val images only (0 = all)")
     g.add_argument("--save-every", type=int, default=1000, help="write last.pt every N iterations")
     g.add_argument("--log-every", type=int, default=20, help="a log line and a log.jsonl record every N iterations")
+    g.add_argument("--tensorboard", action="store_true",
+                   help="also write the log's curves for TensorBoard into --out (pip install tensorboard)")
     g.add_argument("--resume", help="continue the run in this last.pt; flags given here win over the stored ones")
     g.add_argument("--seed", type=int, default=0, help="model init, data order and augmentation")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda, cuda:N or cpu")
     args = p.parse_args(argv)
     if args.dilation < 1 or not all(0 < r <= 1 for r in args.ratios):
-        p.error("--dilation must be ≥ 1 (Table 2's '0 (no dilation)' is --dilation 1) and each of --ratios in (0, 1]")
+        p.error("--dilation must be ≥ 1 (Sec. 4.5's '0 (no dilation)' is --dilation 1) and each of --ratios in (0, 1]")
     for action in p._actions:  # parsed again without defaults: the flags this command line gives
         action.default = argparse.SUPPRESS
     args.explicit = set(vars(p.parse_args(argv)))
@@ -99,13 +112,14 @@ def get_args(argv=None):
 
 
 def poly_lr(it, iters, base_lr, power=0.9):
-    """Poly schedule (Sec. 4.1): lr = base_lr · (1 - it/iters)^0.9 (the power is our choice; the paper gives none)."""
+    """Poly schedule (Sec. 4.1): lr = base_lr · (1 - it/iters)^power for the step after `it`. Paper is silent on the
+    power: 0.9, the common practice."""
     return base_lr * (1 - it / iters) ** power
 
 
 def make_optimizer(model, lr, weight_decay, fused=False):
-    """AdamW (Sec. 4.1). Paper is silent on weight decay (--weight-decay, 0.01: PyTorch's default) applied to conv
-    weights, not to norm parameters and biases, and on betas and eps (PyTorch's defaults)."""
+    """AdamW (Sec. 4.1). Paper is silent on the weight decay: --weight-decay (0.01, PyTorch's default) on conv
+    weights, none on norm parameters and biases; and on betas and eps: PyTorch's defaults (0.9, 0.999), 1e-8."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -141,14 +155,18 @@ def validate(model, dataset, device, rank=0, world=1, workers=0, log=print):
     model.eval()
     cm, t0, n = ConfusionMatrix(), time.time(), len(dataset)
     mine = torch.utils.data.Subset(dataset, range(rank, n, world))
-    for i, (image, target) in enumerate(torch.utils.data.DataLoader(mine, batch_size=None, num_workers=workers), 1):
-        logits, _ = model(normalize(image[None].to(device)))  # (1, N, H, W)   image (3, H, W) uint8
-        cm.update(logits.argmax(1)[0], target.to(device))
-        done = i * world  # about: rank 0's count, times the ranks
-        if i % max(1, VAL_PROGRESS // world) == 0 and done < n:
-            elapsed = time.time() - t0
-            log(f"  validating: {done}/{n} images | {elapsed:.0f} s | ~{elapsed / done * (n - done):.0f} s left")
-    cm.reduce()
+    batches = iter(torch.utils.data.DataLoader(mine, batch_size=None, num_workers=workers, worker_init_fn=quiet_worker))
+    try:
+        for i, (image, target) in enumerate(batches, 1):
+            logits, _ = model(normalize(image[None].to(device)))  # (1, N, H, W)   image (3, H, W) uint8
+            cm.update(logits.argmax(1)[0], target.to(device))
+            done = i * world  # about: rank 0's count, times the ranks
+            if i % max(1, VAL_PROGRESS // world) == 0 and done < n:
+                elapsed = time.time() - t0
+                log(f"  validating: {done}/{n} images | {elapsed:.0f} s | ~{elapsed / done * (n - done):.0f} s left")
+    finally:
+        end_workers(batches)
+    cm.mat = all_ranks_sum(cm.mat.to(device))[0].cpu()  # the split's matrix, on every rank
     model.train()
     return {**cm.compute(), "images": n, "seconds": time.time() - t0}
 
@@ -209,39 +227,129 @@ def setup_distributed(args):
 
 
 class RunLog:
-    """What a run says: lines printed for the person watching, and <out>/log.jsonl, one JSON record per line,
-    flushed as written, for the person who comes back later. Only rank 0 speaks.
+    """What a run says: lines printed for the person watching, and <out>/log.jsonl, one JSON record per line, for the
+    person who comes back later; with `tensorboard` (a SummaryWriter class) the same figures as TensorBoard scalars in
+    <out>. Both flushed as written; only rank 0 speaks; a write that fails (a full disk) ends the run in one line.
 
-    On --resume the new log.jsonl starts with the records up to the checkpoint's iteration from the log.jsonl
-    beside the checkpoint: those after it were written by the run that died after its last checkpoint and are
-    written again, so every iteration appears once."""
+    On --resume the new log.jsonl starts with the records up to the checkpoint's iteration from the log.jsonl beside
+    the checkpoint: those after it, from a run that died after its last checkpoint, are written again, so every
+    iteration appears once; TensorBoard hides them from its curves (purge_step)."""
 
-    def __init__(self, out, master, resume=None, it=0):
-        self.master, self.file = master, None
+    def __init__(self, out, master, resume=None, it=0, tensorboard=None):
+        self.master, self.out, self.file, self.tb = master, Path(out or "."), None, None
         if not master:
             return
-        path, source, kept = Path(out) / "log.jsonl", Path(resume or "").parent / "log.jsonl", []
+        self.path, source, kept = self.out / "log.jsonl", Path(resume or "").parent / "log.jsonl", []
         for line in source.read_text().splitlines() if resume and source.exists() else []:
             try:
                 kept += [line + "\n"] if json.loads(line)["iter"] <= it else []
             except (ValueError, KeyError, TypeError):  # the line a kill cut short
                 pass
         try:
-            Path(out).mkdir(parents=True, exist_ok=True)
-            Path(f"{path}.tmp").write_text("".join(kept))
-            os.replace(f"{path}.tmp", path)
-            self.file = open(path, "a")
+            self.out.mkdir(parents=True, exist_ok=True)
+            Path(f"{self.path}.tmp").write_text("".join(kept))
+            os.replace(f"{self.path}.tmp", self.path)
+            self.file = open(self.path, "a")
+            self.tb = tensorboard and tensorboard(self.out, purge_step=it + 1)  # hides points after `it` from before
         except OSError as e:
             raise DataError(f"--out {out}: cannot write there ({e.strerror or e})") from None
 
     def print(self, text):
         if self.master:
-            print(text)
+            print(text, flush=True)
 
-    def record(self, kind, **fields):  # flushed: a kill -9 loses at most the line being written
-        if self.master:
+    def record(self, kind, **fields):
+        """A log.jsonl record (kind "run", "train", "val" or "stop"); "train" and "val" also as TensorBoard scalars."""
+        if not self.master:
+            return
+        try:
             self.file.write(json.dumps({"type": kind, **fields, "time": round(time.time(), 3)}) + "\n")
-            self.file.flush()
+            self.file.flush()  # a kill -9 loses at most the line being written
+            if self.tb and kind in ("train", "val"):
+                scalars = {f"{kind}/{k}": fields[k] for k in (TB_TRAIN if kind == "train" else ("miou", "acc"))}
+                iou = fields.get("iou", {}).items()  # classes that never occurred (None) have no point
+                scalars.update({f"val/iou/{c.replace(' ', '_')}": v for c, v in iou if v is not None})
+                for tag, value in scalars.items():
+                    self.tb.add_scalar(tag, value, fields["iter"])
+                self.tb.flush()
+        except OSError as e:
+            name = os.fsdecode(e.filename) if e.filename else self.path  # TensorBoard's events file names itself
+            raise DataError(f"cannot write {name}: {e.strerror or e}; {checkpoints_kept(self.out)}") from None
+
+    def close(self):
+        for f in (self.file, self.tb):
+            try:
+                f and f.close()
+            except OSError:  # a write failed: `record` has said so
+                pass
+
+
+def summary_writer():
+    """torch's TensorBoard SummaryWriter class, for --tensorboard: tensorboard is needed only then."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise DataError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+    return SummaryWriter
+
+
+def checkpoints_kept(out):
+    """What a failed write leaves in `out`, in words: each checkpoint that still loads, with its iteration."""
+    kept = []
+    for name in ("last.pt", "best.pt"):
+        try:  # mmap: reads "iter" without reading the weights
+            kept.append(f"{out / name} (iteration {torch.load(out / name, mmap=True, weights_only=True)['iter']})")
+        except Exception:  # missing or unreadable: not kept
+            pass
+    return f"intact: {' and '.join(kept)}" if kept else "no checkpoint written yet"
+
+
+class Stop:
+    """SIGINT (Ctrl-C) and SIGTERM (schedulers, `docker stop`, `timeout`) while the run lasts; `restore` puts the
+    previous handlers back. The first signal only sets `signum`: the loop stops after the step in flight (`requested`).
+    A second one on one process ends the run at once (a save in flight leaves the previous file); under torchrun,
+    which passes its own signal on to every rank, it changes nothing (torchrun kills the ranks 30 s later)."""
+
+    def __init__(self, ddp, device, last, saved=None):
+        self.signum, self.ddp, self.device, self.last, self.saved = None, ddp, device, last, saved  # saved: last's iter
+        self.previous = {s: signal.signal(s, self.handler) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def handler(self, signum, frame):
+        if self.signum is None or self.ddp:
+            self.signum = self.signum or signum
+            return
+        kept = f"{self.last} of iteration {self.saved} kept" if self.saved is not None else f"no {self.last} written"
+        os.write(2, f"stopped at once by a second {signal.Signals(signum).name}: {kept}\n".encode())
+        raise SystemExit(128 + signum)
+
+    def requested(self, at_log_line):
+        """The signal to stop on after this step, or None: on one process at once, with no wait for the GPU; under
+        torchrun at log lines only, where the host waits anyway and the ranks agree (the largest signal number any
+        received), so that all stop at the same iteration."""
+        if not self.ddp:
+            return self.signum
+        if not at_log_line:
+            return None
+        flag = torch.tensor(self.signum or 0, device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return flag.item() or None
+
+    def restore(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def quiet_worker(worker_id):
+    """Loader processes ignore SIGINT and SIGTERM (a terminal's Ctrl-C and SLURM's SIGTERM reach them too): the main
+    process decides when to stop, and ends them through the loader (`end_workers`), not by a signal."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def end_workers(batches):
+    """Ends the loader processes of the iterator `batches` now, also when a traceback keeps it alive: DataLoader's own
+    shutdown (private); Python's exit would send them SIGTERM, which `quiet_worker` ignores."""
+    getattr(batches, "_shutdown_workers", lambda: None)()
 
 
 def make_data(args, it, rank, world, device, ddp):
@@ -264,7 +372,8 @@ def make_data(args, it, rank, world, device, ddp):
         raise DataError(f"{len(train_set)} training images are fewer than one batch of {args.batch_size}")
     stream = Stream(len(train_set), args.batch_size, seed=args.seed, start=it, rank=rank, world=world)
     loader = torch.utils.data.DataLoader(Seeded(train_set), batch_size=args.batch_size // world, sampler=stream,
-                                         num_workers=args.workers, pin_memory=device.type == "cuda")
+                                         num_workers=args.workers, pin_memory=device.type == "cuda",
+                                         worker_init_fn=quiet_worker)
     return train_set, val_set, loader, args.iters or args.epochs * iters_per_epoch, iters_per_epoch
 
 
@@ -380,8 +489,13 @@ def log_validation(log, result, it, iters, device):
 
 def save(out, name, model, config, it, **extra):
     """<out>/best.pt (what inference needs: extra = miou) or <out>/last.pt (the full training state: extra =
-    optimizer, scaler, best_miou); never with non-finite weights (`save_checkpoint`)."""
-    save_checkpoint({"model": model.state_dict(), "config": config, "iter": it, **extra}, Path(out) / name)
+    optimizer, scaler, best_miou); never with non-finite weights (`save_checkpoint`). A write that fails (a full
+    disk, a vanished --out) ends the run in one line that names what is kept; nothing half-written is left."""
+    try:
+        save_checkpoint({"model": model.state_dict(), "config": config, "iter": it, **extra}, Path(out) / name)
+    except OSError as e:
+        raise DataError(f"cannot write {Path(out) / name} at iteration {it}: {e.strerror or e}; "
+                        f"{checkpoints_kept(Path(out))}") from None
 
 
 # ---------------------------------------------------------------- main
@@ -389,6 +503,7 @@ def save(out, name, model, config, it, **extra):
 
 def main(args):
     ckpt = resume_state(args)
+    writer = summary_writer() if args.tensorboard else None  # on every rank: a missing package stops all at once
     ddp, rank, world, device = setup_distributed(args)
     refuse_to_overwrite(args)  # on every rank, before anything is written
     torch.backends.cudnn.benchmark = True  # fixed-size crops: cuDNN picks its fastest kernels once
@@ -404,7 +519,7 @@ def main(args):
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     torch.manual_seed(args.seed)  # the model's initial weights
     raw_model, optimizer, scaler, best_miou = make_model(args, ckpt, device, ddp, amp_dtype, memory_format)
-    log = RunLog(args.out, master, args.resume, it)  # once data and model are ready: a failed start leaves no log
+    log = RunLog(args.out, master, args.resume, it, writer)  # data and model are ready: a failed start leaves no log
     if ckpt:
         log.print(f"resuming {args.resume} at iteration {it}")
     model = raw_model  # raw_model is saved and validated: no "module." or "_orig_mod." in its state-dict names
@@ -422,41 +537,59 @@ def main(args):
                environment=environment(device), config=config)
 
     data, interval, val_seconds = iter(loader), Interval(it, iters, iters_per_epoch, args, device), None
+    last = Path(args.out) / "last.pt"
+    stop = Stop(ddp, device, last, it if last.exists() else None)  # SIGINT, SIGTERM: stop after the step in flight
     model.train()
     peak_memory(device, reset=True)
-    while it < iters:
-        lr = poly_lr(it, iters, args.lr)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        t_data = time.time()
-        image, target = next(data)  # (B, 3, crop, crop) uint8, (B, crop, crop) uint8
-        interval.wait += time.time() - t_data
-        image = normalize(image.to(device, non_blocking=True)).contiguous(memory_format=memory_format)  # float32
-        target = target.to(device, non_blocking=True).long()
-        interval.add(*train_step(model, loss_of, optimizer, scaler, image, target, amp_dtype))
-        it += 1
+    try:
+        while it < iters:
+            lr = poly_lr(it, iters, args.lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            t_data = time.time()
+            image, target = next(data)  # (B, 3, crop, crop) uint8, (B, crop, crop) uint8
+            interval.wait += time.time() - t_data
+            image = normalize(image.to(device, non_blocking=True)).contiguous(memory_format=memory_format)  # float32
+            target = target.to(device, non_blocking=True).long()
+            interval.add(*train_step(model, loss_of, optimizer, scaler, image, target, amp_dtype))
+            it += 1
 
-        if it % args.log_every == 0 or it == iters:
-            interval.log(log, it, lr, val_seconds)
-        validating = it == iters or (args.val_every and it % args.val_every == 0)
-        if not (validating or it % args.save_every == 0):
-            continue
-        interval.rows()  # stops here, not in a checkpoint, if a step since the last log line diverged
-        paused = time.time()  # validation and checkpoints are not training time
-        if validating:
-            peak_memory(device, reset=True)
-            result = validate(raw_model, val_set, device, rank, world, args.workers, log.print)
-            val_seconds = result["seconds"]
-            log_validation(log, result, it, iters, device)
-            if master and result["miou"] > best_miou:
-                best_miou = result["miou"]
-                save(args.out, "best.pt", raw_model, config, it, miou=best_miou)
-            peak_memory(device, reset=True)
-        if master:
-            save(args.out, "last.pt", raw_model, config, it, optimizer=optimizer.state_dict(),
-                 scaler=scaler.state_dict(), best_miou=best_miou)
-        interval.pause(time.time() - paused)
-    log.print(f"done: best val mIoU {best_miou:.4f}, checkpoints and log.jsonl in {args.out}/")
+            log_line = it % args.log_every == 0 or it == iters
+            signum = stop.requested(log_line) if it < iters else None  # the last iteration ends the run anyway
+            if log_line or signum:
+                interval.log(log, it, lr, val_seconds)
+            validating = it == iters or (args.val_every and it % args.val_every == 0)
+            if not (validating or it % args.save_every == 0 or signum):
+                continue
+            interval.rows()  # stops here, not in a checkpoint, if a step since the last log line diverged
+            paused = time.time()  # validation and checkpoints are not training time
+            if validating:
+                peak_memory(device, reset=True)
+                result = validate(raw_model, val_set, device, rank, world, args.workers, log.print)
+                val_seconds = result["seconds"]
+                log_validation(log, result, it, iters, device)
+                if master and result["miou"] > best_miou:
+                    best_miou = result["miou"]
+                    save(args.out, "best.pt", raw_model, config, it, miou=best_miou)
+                peak_memory(device, reset=True)
+            if master:
+                save(args.out, "last.pt", raw_model, config, it, optimizer=optimizer.state_dict(),
+                     scaler=scaler.state_dict(), best_miou=best_miou)
+            stop.saved = it
+            interval.pause(time.time() - paused)
+            if signum:
+                name = signal.Signals(signum).name
+                log.record("stop", iter=it, signal=name)
+                log.print(f"stopped by {name} at iteration {it}: {last} written; continue with "
+                          f"python train.py --resume {last}")
+                if ddp:
+                    dist.destroy_process_group()
+                sys.exit(128 + signum)  # as a shell reports a process ended by the signal: 130, 143
+        log.print(f"done: best val mIoU {best_miou:.4f}, checkpoints and log.jsonl in {args.out}/")
+    finally:
+        stop.restore()
+        log.close()
+        end_workers(data)
     if ddp:
         dist.destroy_process_group()
 
