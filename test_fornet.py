@@ -451,9 +451,10 @@ def test_transform_keeps_image_and_label_aligned(scale):
         inside = interior(t)
         assert inside.sum() > 50
         assert (x[0][inside].float() / 10 - t[inside].float()).abs().max() <= 0.1
+    torch.manual_seed(0)
     flips = [torch.equal(TrainTransform(crop=96, scale=(1, 1))(image[:, :, :96], target[:, :96])[1],
-                         target[:, :96].flip(-1)) for _ in range(20)]
-    assert 0 < sum(flips) < 20  # crop = the whole image: both flipped and unflipped crops occur
+                         target[:, :96].flip(-1)) for _ in range(400)]
+    assert 160 <= sum(flips) <= 240  # crop = the whole image: flipped with probability 0.5 (±4 std of 400 draws)
 
 
 def test_transform_scales_by_s():
@@ -1259,7 +1260,8 @@ def test_after_a_crash_each_iteration_is_once_in_the_log_and_in_tensorboard(toy,
             events, points = scalars(f"{kind}/{name}")
             assert points == [(r["iter"], pytest.approx(r[name], rel=1e-6)) for r in log if r["type"] == kind], name
     iou = {c.replace(" ", "_"): v for c, v in log[-1]["iou"].items() if v is not None}
-    assert {tag for tag in events.Tags()["scalars"] if tag.startswith("val/iou/")} == {f"val/iou/{c}" for c in iou}
+    ever = {c.replace(" ", "_") for r in log if r["type"] == "val" for c, v in r["iou"].items() if v is not None}
+    assert {tag for tag in events.Tags()["scalars"] if tag.startswith("val/iou/")} == {f"val/iou/{c}" for c in ever}
     assert all(events.Scalars(f"val/iou/{c}")[-1].value == pytest.approx(v, rel=1e-6) for c, v in iou.items())
 
 
@@ -1318,8 +1320,8 @@ def test_a_signal_during_the_last_step_lets_the_run_finish(toy, tmp_path, monkey
 def test_loader_processes_ignore_ctrl_c_and_sigterm_and_go_on_loading():
     """A terminal's Ctrl-C and a scheduler's SIGTERM reach the loader processes too; the main process decides when
     to stop (under torchrun, at a log line up to --log-every steps later): until then the loader keeps loading."""
-    batches = iter(torch.utils.data.DataLoader(range(40), batch_size=None, num_workers=1,
-                                               worker_init_fn=train.quiet_worker))
+    batches = iter(torch.utils.data.DataLoader(range(40), batch_size=None, num_workers=1, timeout=30,
+                                               worker_init_fn=train.quiet_worker))  # a dead worker: fails, no hang
     try:
         assert next(batches) == 0
         for sig in (signal.SIGINT, signal.SIGTERM):
